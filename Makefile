@@ -9,6 +9,8 @@ STAMP := $(VENV)/.installed-$(shell cat setup.py | sha1sum | cut -c1-12)
 RUN_DIR ?= $(HOME)/.cache/rtml/run
 DEMO_DIR ?= $(RUN_DIR)/demo
 PYTEST_ARGS ?=
+# TensorFlow's C++ start-up chatter hides the progress lines.
+export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 .PHONY: install demo test train kafka-up kafka-down clean bench
 

@@ -95,7 +95,9 @@ FEATURES: tuple[Feature, ...] = (
     Feature('pickup_census_tract', Kind.CATEGORICAL, DType.INT, default=0),
     Feature('dropoff_census_tract', Kind.CATEGORICAL, DType.INT, default=0),
     Feature('payment_type', Kind.CATEGORICAL, DType.STRING, required=True),
-    Feature('company', Kind.CATEGORICAL, DType.STRING, default=''),
+    # Not '': tf.Transform vocabularies drop empty strings, which would send
+    # "missing" into the out-of-vocabulary buckets with unseen companies.
+    Feature('company', Kind.CATEGORICAL, DType.STRING, default='(missing)'),
     Feature('trip_start_timestamp', Kind.EVENT_TIME, DType.INT, required=True),
     Feature('tips', Kind.LABEL, DType.FLOAT, required=True),
 )
@@ -107,6 +109,9 @@ LABEL_KEY = next(f.name for f in FEATURES if f.kind is Kind.LABEL)
 EVENT_TIME_KEY = next(f.name for f in FEATURES if f.kind is Kind.EVENT_TIME)
 FARE_KEY = 'fare'
 assert FARE_KEY in FEATURES_BY_NAME
+# Default grouping key of the windowed analytics (transforms.windowing).
+COMMUNITY_AREA_KEY = 'pickup_community_area'
+assert COMMUNITY_AREA_KEY in FEATURES_BY_NAME
 BIG_TIPPER_FRACTION = 0.2
 # Name of the derived label in the transformed data.
 TRANSFORMED_LABEL_KEY = 'big_tipper'
