@@ -59,9 +59,11 @@ class TrainOptions(PipelineOptions):
 
   @classmethod
   def _add_argparse_args(cls, parser):
-    parser.add_argument('--input', required=True,
+    # Not argparse-required: Beam parses every registered options class from
+    # sys.argv whenever any PipelineOptions is built in this process.
+    parser.add_argument('--input',
                         help='CSV file pattern (local or gs://), with header.')
-    parser.add_argument('--output_dir', required=True,
+    parser.add_argument('--output_dir',
                         help='Where transform/, model/, metrics.json go.')
     parser.add_argument('--eval_percent', type=int, default=20,
                         help='Share of rows (by row hash) held out for eval.')
@@ -264,6 +266,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
   options = TrainOptions(runner_options.resolve(
       sys.argv[1:] if argv is None else argv))
   train_options = options.view_as(TrainOptions)
+  if not train_options.input or not train_options.output_dir:
+    raise SystemExit('pipelines.train: --input and --output_dir are required')
   output_dir = train_options.output_dir
   started = time.monotonic()
 
