@@ -1,0 +1,290 @@
+"""Windowed trip analytics on event time, with late data as an output.
+
+Per key (default ``pickup_community_area``) and event-time window: trip count,
+fare and tips sums and means, tip rate, with the pane (EARLY / ON_TIME / LATE,
+index, is_last). Records too late for their window (watermark past window end
++ allowed lateness) go to the late output with a reason, and unparseable
+events to the dead letters; nothing is dropped (see ``transforms.windowing``).
+With ``--training_stats``, the same windows also report feature drift against
+the training statistics and emit alerts (``transforms.monitoring``).
+
+Streaming from Kafka (DirectRunner)::
+
+    python -m pipelines.analytics --bootstrap_servers 127.0.0.1:9092 \\
+        --input_topic trips --output_topic trip-stats --late_topic trips-late \\
+        --window fixed --size 3600 --allowed_lateness 7200 \\
+        --early_every 10 --late_every 1 --accumulation accumulating \\
+        --training_stats out/train/stats.json --alerts_topic trip-alerts
+
+Batch over CSV, event time from ``trip_start_timestamp``, JSON lines out::
+
+    python -m pipelines.analytics --input_csv data/taxi_trips.csv \\
+        --output_path out/analytics --window sliding --size 3600 --period 900
+    python -m pipelines.analytics_report --input out/analytics \\
+        --output out/analytics/report.png
+
+Other runners by flags only: ``--runner prism`` (or ``--runner PrismRunner
+--prism_location /path/to/prism``), ``--runner flink --flink_master H:P``,
+``--runner dataflow --project P --region R --temp_location gs://b/tmp``.
+
+Outputs: Kafka topics (``--output_topic`` gets window stats, and drift and
+quality rows, each with a ``type`` field; ``--late_topic``,
+``--alerts_topic``, ``--dead_letter_topic``), or with ``--output_path`` the
+files ``stats``, ``drift``, ``quality``, ``alerts``, ``late`` and
+``dead_letters`` ``-SSSSS-of-NNNNN.jsonl`` (bounded input only: a CSV, or
+Kafka with ``--bounded``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+from typing import Any, Optional
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import StandardOptions
+
+from runners import options as runner_options
+from transforms import features as F
+from transforms import kafka_io
+from transforms import monitoring
+from transforms import stats as feature_stats
+from transforms import windowing
+
+# Row types on the shared output topic.
+STATS, DRIFT, QUALITY = 'window_stats', 'drift', 'quality'
+
+
+class AnalyticsOptions(PipelineOptions):
+
+  @classmethod
+  def _add_argparse_args(cls, parser):
+    # --bootstrap_servers is Beam's own flag: see kafka_io.bootstrap_servers.
+    parser.add_argument('--input_topic', default='trips')
+    parser.add_argument('--output_topic', default='trip-stats')
+    parser.add_argument('--late_topic', default='trips-late')
+    parser.add_argument('--alerts_topic', default='trip-alerts')
+    parser.add_argument('--dead_letter_topic', default='trips-dlq')
+    parser.add_argument('--group_id', default='rtml-analytics',
+                        help='Kafka consumer group (offsets are committed).')
+    parser.add_argument('--start', choices=['earliest', 'latest'],
+                        default='earliest',
+                        help='Where to start without a committed offset.')
+    parser.add_argument('--bounded', action='store_true',
+                        help='Read Kafka up to the end offsets at launch.')
+    parser.add_argument('--max_out_of_orderness', type=float, default=60.0,
+                        help='Source watermark = max event time seen in a '
+                        'partition minus this (seconds).')
+    parser.add_argument('--consumer_config', type=json.loads, default={},
+                        help='JSON of extra kafka-python consumer settings.')
+    parser.add_argument('--producer_config', type=json.loads, default={},
+                        help='JSON of extra kafka-python producer settings.')
+    parser.add_argument('--input_csv', default=None,
+                        help='CSV file pattern: batch run instead of Kafka.')
+    parser.add_argument('--output_path', default=None,
+                        help='Directory for JSON lines outputs instead of '
+                        'Kafka topics (bounded input only).')
+    # The windowing: one flag per WindowConfig field.
+    defaults = windowing.WindowConfig()
+    parser.add_argument('--window', choices=[k.value for k in
+                                             windowing.WindowKind],
+                        default=defaults.kind.value)
+    parser.add_argument('--size', type=float, default=defaults.size,
+                        help='Window length, seconds (fixed, sliding).')
+    parser.add_argument('--period', type=float, default=defaults.period,
+                        help='Sliding window period, seconds.')
+    parser.add_argument('--gap', type=float, default=defaults.gap,
+                        help='Session gap, seconds.')
+    parser.add_argument('--allowed_lateness', type=float,
+                        default=defaults.allowed_lateness,
+                        help='Seconds after the window end that late data '
+                        'is still aggregated (LATE panes).')
+    parser.add_argument('--early_every', type=float,
+                        default=defaults.early_every,
+                        help='Processing-time seconds between EARLY panes; '
+                        '0 for none.')
+    parser.add_argument('--late_every', type=int, default=defaults.late_every,
+                        help='A LATE pane after every N late elements.')
+    parser.add_argument('--accumulation',
+                        choices=[a.value for a in windowing.Accumulation],
+                        default=defaults.accumulation.value)
+    parser.add_argument('--key', choices=sorted(F.FEATURES_BY_NAME),
+                        default=defaults.key,
+                        help='Raw feature the aggregates are grouped by.')
+    parser.add_argument('--shards', type=int, default=defaults.shards,
+                        help='Parallelism of the late-data splitter.')
+    parser.add_argument('--lateness_margin', type=float, default=None,
+                        help='Extra seconds windows stay open past the '
+                        'allowed lateness; default one window step.')
+    # Drift mode.
+    parser.add_argument('--training_stats', default=None,
+                        help='stats.json of a training run: adds drift rows '
+                        'and alerts.')
+    for field in dataclasses.fields(monitoring.DriftThresholds):
+      parser.add_argument(f'--drift_{field.name}',
+                          type=int if field.type in (int, 'int') else float,
+                          default=field.default,
+                          help=f'Alert threshold: {field.name}.')
+
+
+def window_config(opts: AnalyticsOptions) -> windowing.WindowConfig:
+  return windowing.WindowConfig(
+      kind=opts.window, size=opts.size, period=opts.period, gap=opts.gap,
+      allowed_lateness=opts.allowed_lateness, early_every=opts.early_every,
+      late_every=opts.late_every, accumulation=opts.accumulation,
+      key=opts.key, shards=opts.shards, lateness_margin=opts.lateness_margin)
+
+
+def drift_thresholds(opts: AnalyticsOptions) -> monitoring.DriftThresholds:
+  return monitoring.DriftThresholds(**{
+      f.name: getattr(opts, f'drift_{f.name}')
+      for f in dataclasses.fields(monitoring.DriftThresholds)})
+
+
+def _tagged(kind: str):
+  return lambda row: {'type': kind, **row}
+
+
+def _late_from(stage: str):
+  return lambda row: {'stage': stage, **row}
+
+
+def build(records, config: windowing.WindowConfig,
+          training_stats: Optional[dict[str, Any]] = None,
+          thresholds: monitoring.DriftThresholds = monitoring.DriftThresholds()
+          ) -> dict[str, Any]:
+  """The analytics on timestamped ``Record``s; the seam for tests.
+
+  Args:
+    records: ``PCollection[Record]`` timestamped with event time.
+    config: the windowing.
+    training_stats: a ``stats.json`` dict to add drift and alerts.
+    thresholds: drift alert thresholds.
+
+  Returns:
+    ``{'stats', 'late'}`` and, with training stats, ``{'drift', 'quality',
+    'alerts'}``: PCollections of JSON-ready dicts; every row carries a
+    ``type`` (stats, drift, quality) or ``stage`` (late) field.
+  """
+  windowed = records | 'WindowedTripStats' >> windowing.WindowedTripStats(
+      config)
+  out = {'stats': windowed['stats'] | 'TagStats' >> beam.Map(_tagged(STATS))}
+  late = [windowed['late'] | 'TagLateStats' >> beam.Map(_late_from(STATS))]
+  if training_stats is not None:
+    monitored = (
+        records
+        | 'Unscored' >> beam.Map(monitoring.ScoredTrip.unscored)
+        | 'MonitorDrift' >> monitoring.MonitorPredictions(
+            training_stats, config, thresholds))
+    out['drift'] = monitored['drift'] | 'TagDrift' >> beam.Map(_tagged(DRIFT))
+    out['quality'] = monitored['quality'] | 'TagQuality' >> beam.Map(
+        _tagged(QUALITY))
+    out['alerts'] = monitored['alerts']
+    late.append(monitored['late'] | 'TagLateDrift' >> beam.Map(
+        _late_from(DRIFT)))
+  out['late'] = tuple(late) | 'MergeLate' >> beam.Flatten()
+  return out
+
+
+def read_csv_records(pipeline, file_pattern: str):
+  """CSV rows -> (timestamped Records, dead-letter dicts)."""
+  # The training pipeline's CSV reader and row parser: one code path.
+  from pipelines import train
+  parsed = (pipeline
+            | 'ReadCsv' >> train.ReadCsvRows(file_pattern)
+            | 'ParseRows' >> beam.ParDo(train.ParseRow()).with_outputs(
+                train.ParseRow.DEAD_LETTER, main='records'))
+  records = (parsed.records
+             | 'DropRowKeys' >> beam.Values()
+             | 'AssignEventTime' >> windowing.AssignEventTime())
+  dead = parsed[train.ParseRow.DEAD_LETTER] | 'LoadDeadLetters' >> beam.Map(
+      json.loads)
+  return records, dead
+
+
+def read_kafka_records(pipeline, opts: AnalyticsOptions):
+  """Kafka JSON events -> (Records timestamped by event time, dead letters)."""
+  events = (
+      pipeline
+      | 'ReadTrips' >> kafka_io.ReadFromKafka(
+          kafka_io.bootstrap_servers(opts), opts.input_topic,
+          group_id=opts.group_id, auto_offset_reset=opts.start,
+          bounded=opts.bounded, event_time=F.EVENT_TIME_KEY,
+          watermark=kafka_io.WatermarkPolicy(
+              max_out_of_orderness_s=opts.max_out_of_orderness),
+          consumer_config=opts.consumer_config)
+      | 'DecodeTrips' >> kafka_io.DecodeEvents())
+  return events.records, events.dead_letters
+
+
+def _key_of(row: dict[str, Any]) -> str:
+  if 'window_start_s' in row:
+    return f"{row.get('feature', row.get('key'))}@{row['window_start_s']:g}"
+  return str(row.get('key') or row.get('offset') or '')
+
+
+def write_kafka(outputs: dict[str, Any], dead_letters,
+                opts: AnalyticsOptions) -> None:
+  bootstrap = kafka_io.bootstrap_servers(opts)
+  topics = {'rows': opts.output_topic, 'late': opts.late_topic,
+            'alerts': opts.alerts_topic}
+  rows = tuple(outputs[k] for k in ('stats', 'drift', 'quality')
+               if k in outputs) | 'MergeRows' >> beam.Flatten()
+  streams = {'rows': rows, 'late': outputs['late']}
+  if 'alerts' in outputs:
+    streams['alerts'] = outputs['alerts']
+  for name, pcoll in streams.items():
+    label = name.capitalize()
+    _ = (pcoll
+         | f'Key{label}' >> beam.Map(lambda r: (_key_of(r), r))
+         | f'Write{label}' >> kafka_io.WriteToKafka(
+             bootstrap, topics[name], producer_config=opts.producer_config,
+             event_timestamps=False))
+  _ = dead_letters | 'WriteDeadLetters' >> kafka_io.WriteDeadLetters(
+      bootstrap, opts.dead_letter_topic, producer_config=opts.producer_config)
+
+
+def write_files(outputs: dict[str, Any], dead_letters, path: str) -> None:
+  for name, pcoll in {**outputs, 'dead_letters': dead_letters}.items():
+    label = ''.join(part.capitalize() for part in name.split('_'))
+    _ = (pcoll
+         | f'Dump{label}' >> beam.Map(json.dumps, sort_keys=True)
+         | f'Write{label}' >> beam.io.WriteToText(
+             os.path.join(path, name), file_name_suffix='.jsonl'))
+
+
+def run(argv: Optional[list[str]] = None):
+  """Builds and runs the analytics job; returns the PipelineResult."""
+  argv = runner_options.resolve(sys.argv[1:] if argv is None else argv)
+  options = PipelineOptions(argv)
+  opts = options.view_as(AnalyticsOptions)
+  config = window_config(opts)
+  training_stats = (feature_stats.read_stats(opts.training_stats)
+                    if opts.training_stats else None)
+  if not opts.input_csv and not opts.bounded:
+    options.view_as(StandardOptions).streaming = True
+  if opts.output_path and not (opts.input_csv or opts.bounded):
+    raise SystemExit('pipelines.analytics: --output_path needs a bounded '
+                     'input (--input_csv, or --bounded Kafka)')
+  pipeline = beam.Pipeline(options=options)
+  if opts.input_csv:
+    records, dead_letters = read_csv_records(pipeline, opts.input_csv)
+  else:
+    records, dead_letters = read_kafka_records(pipeline, opts)
+  outputs = build(records, config, training_stats, drift_thresholds(opts))
+  if opts.output_path:
+    write_files(outputs, dead_letters, opts.output_path)
+  else:
+    write_kafka(outputs, dead_letters, opts)
+  result = pipeline.run()
+  result.wait_until_finish()
+  return result
+
+
+if __name__ == '__main__':
+  logging.getLogger().setLevel(logging.INFO)
+  run()

@@ -1,0 +1,106 @@
+"""Training statistics: the pure function and the Beam combine agree exactly."""
+
+import functools
+import json
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.testing.util import assert_that, equal_to
+
+from transforms import features as F
+from transforms import records as R
+from transforms import stats as S
+
+
+@functools.lru_cache(maxsize=1)
+def real_records(n=3000):
+  rows = list(R.read_csv('data/taxi_trips.csv'))[:n]
+  return [R.parse_csv_row(r) for r in rows]
+
+
+def test_beam_combine_equals_pure_function_on_real_rows():
+  records = real_records()
+  expected = S.compute_stats(records)
+  p = beam.Pipeline(options=PipelineOptions(['--runner=FnApiRunner']))
+  got = (p | beam.Create(records, reshuffle=True)
+         | S.ComputeFeatureStats())
+  assert_that(got, equal_to([expected]))
+  p.run().wait_until_finish()
+
+
+def test_merge_order_does_not_change_a_bit():
+  records = real_records()
+  fn = S.FeatureStatsFn()
+  chunks = [records[i::7] for i in range(7)]
+
+  def accumulate(chunk):
+    acc = fn.create_accumulator()
+    for record in chunk:
+      acc = fn.add_input(acc, record)
+    return acc
+
+  forward = fn.extract_output(fn.merge_accumulators(
+      [accumulate(c) for c in chunks]))
+  backward = fn.extract_output(fn.merge_accumulators(
+      [accumulate(c) for c in reversed(chunks)]))
+  assert forward == backward == S.compute_stats(records)
+
+
+def test_format_per_kind():
+  stats = S.compute_stats(real_records())
+  assert stats['count'] == 3000
+  assert set(stats['features']) == set(F.FEATURES_BY_NAME)
+  numeric = {'kind', 'dtype', 'count', 'missing', 'missing_rate', 'min',
+             'max', 'mean', 'std'}
+  counted = {'kind', 'dtype', 'count', 'missing', 'missing_rate',
+             'top_values', 'vocabulary_size', 'vocabulary',
+             'vocabulary_truncated'}
+  for feature in F.FEATURES:
+    got = stats['features'][feature.name]
+    assert got['kind'] == feature.kind.value
+    assert got['dtype'] == feature.dtype.value
+    if feature.kind is F.Kind.IDENTITY:
+      assert set(got) == numeric | counted
+    elif feature.kind is F.Kind.CATEGORICAL:
+      assert set(got) == counted
+    else:
+      assert set(got) == numeric
+  payment = stats['features']['payment_type']
+  assert payment['top_values'][0]['value'] == 'Cash'
+  assert payment['vocabulary_size'] == len(payment['vocabulary'])
+  assert len(stats['features']['company']['top_values']) == S.TOP_VALUES
+  json.dumps(stats, allow_nan=False)   # JSON-serializable as it is
+
+
+def test_missing_counts_come_from_record_missing():
+  rows = list(R.read_csv('data/taxi_trips.csv'))[:3]
+  # Row 1 lacks the pickup area; an unlabelled event has no tips at all.
+  unlabelled = R.parse_json(R.csv_row_to_event(
+      {k: v for k, v in rows[2].items() if k != F.LABEL_KEY}))
+  stats = S.compute_stats([R.parse_csv_row(r) for r in rows] + [unlabelled])
+  area = stats['features'][F.COMMUNITY_AREA_KEY]
+  assert (area['count'], area['missing']) == (4, 2)
+  assert area['missing_rate'] == 0.5
+  # Defaults (0) are not values: min/mean cover the present ones only.
+  assert area['min'] == area['max'] == area['mean'] == 60
+  assert area['std'] == 0.0
+  tips = stats['features'][F.LABEL_KEY]
+  assert (tips['count'], tips['missing']) == (4, 1)
+
+
+def test_fare_matches_plain_python():
+  records = real_records()
+  fares = [r.values[F.FARE_KEY] for r in records]
+  fare = S.compute_stats(records)['features'][F.FARE_KEY]
+  mean = sum(fares) / len(fares)
+  std = (sum((x - mean) ** 2 for x in fares) / len(fares)) ** 0.5
+  assert (fare['min'], fare['max']) == (min(fares), max(fares))
+  assert abs(fare['mean'] - mean) < 1e-12 * mean
+  assert abs(fare['std'] - std) < 1e-9 * std
+
+
+def test_write_and_read_round_trip(tmp_path):
+  stats = S.compute_stats(real_records()[:50])
+  path = str(tmp_path / 'stats.json')
+  S.write_stats(stats, path)
+  assert S.read_stats(path) == stats

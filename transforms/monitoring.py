@@ -1,0 +1,368 @@
+"""Live model monitoring: prediction quality and feature drift per window.
+
+Attach ``MonitorPredictions`` to the serving pipeline's scored events::
+
+    scored = predictions | 'ToScoredTrip' >> beam.Map(
+        lambda r: monitoring.ScoredTrip.of(record, probability))
+    out = scored | monitoring.MonitorPredictions(
+        stats.read_stats('out/train/stats.json'), window_config)
+    out['quality'], out['drift'], out['alerts'], out['late']
+
+Per event-time window (``transforms.windowing``, late data to ``'late'``):
+
+* ``quality``: predicted positive rate, and, over the events whose label is
+  known (tips present), the actual positive rate, the predicted rate on those
+  same events, and accuracy;
+* ``drift``: per model feature, against the training statistics
+  (``transforms.stats``): for measurements (numeric, bucketized) the mean
+  shift and std shift in training-std units; for those and ids (identity)
+  the share of values outside the training [min, max]; for ids and
+  categoricals the share of values unseen in training (outside its
+  vocabulary, i.e. what the model maps to out-of-vocabulary buckets); and
+  for all the missing rate vs training;
+* ``alerts``: one JSON record per crossed threshold (``DriftThresholds``),
+  with feature, metric, value, threshold and window. EARLY panes report drift
+  but do not alert (a partial window); neither does a window with fewer than
+  ``min_count`` values of the feature.
+
+The features are ``features.model_features()``: the label and event time are
+not model inputs (the label is covered by ``quality``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Iterable, NamedTuple, Optional
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from transforms import features as F
+from transforms import stats as S
+from transforms import windowing
+from transforms.records import Record
+
+_NAMESPACE = 'monitoring'
+_GLOBAL_KEY = 'all'
+
+
+class ScoredTrip(NamedTuple):
+  """The monitor's input: a parsed event and the model's prediction.
+
+  Attributes:
+    record: the parsed raw event (values with defaults, and which were
+      missing); its label source (tips) may be absent.
+    probability: predicted probability of the positive class (big tipper);
+      None for an unscored event (feature drift only).
+    predicted: the predicted class, 0 or 1 (None when unscored).
+  """
+  record: Record
+  probability: Optional[float] = None
+  predicted: Optional[int] = None
+
+  @classmethod
+  def of(cls, record: Record, probability: float,
+         threshold: float = 0.5) -> 'ScoredTrip':
+    return cls(record, float(probability), int(probability >= threshold))
+
+  @classmethod
+  def unscored(cls, record: Record) -> 'ScoredTrip':
+    """An event without a prediction: only its features are monitored."""
+    return cls(record)
+
+
+def actual_label(record: Record) -> Optional[int]:
+  """The true class when tips are known, else None."""
+  if S.is_missing(record, F.LABEL_KEY):
+    return None
+  return int(F.is_big_tipper(record.values[F.LABEL_KEY],
+                             record.values[F.FARE_KEY]))
+
+
+@dataclasses.dataclass(frozen=True)
+class DriftThresholds:
+  """Alert when a window's metric is beyond these (absolute values).
+
+  Attributes:
+    mean_shift: |live mean - training mean| / training std.
+    std_shift: |live std - training std| / training std.
+    missing_rate_increase: live missing rate - training missing rate.
+    out_of_range: share of present values outside training [min, max].
+    unseen: share of present categorical values outside the training
+      vocabulary.
+    rate_gap: |predicted positive rate - actual positive rate| on labelled
+      events.
+    min_count: fewest values (events, for quality) a window needs to alert.
+  """
+  mean_shift: float = 1.0
+  std_shift: float = 2.0
+  missing_rate_increase: float = 0.2
+  out_of_range: float = 0.05
+  unseen: float = 0.05
+  rate_gap: float = 0.2
+  min_count: int = 30
+
+
+# ------------------------------------------------------------- plain logic
+
+class _Plan(NamedTuple):
+  """What to check per feature, from the training statistics."""
+  name: str
+  numeric: bool           # mean/std shift: measurements, not ids
+  ranged: bool            # share outside the training [min, max]
+  low: Optional[float]
+  high: Optional[float]
+  vocabulary: Optional[frozenset]
+
+
+def drift_plan(training_stats: dict[str, Any]) -> tuple[_Plan, ...]:
+  """Per model feature: its training range and vocabulary."""
+  plans = []
+  for feature in F.model_features():
+    st = training_stats['features'][feature.name]
+    vocabulary = (frozenset(st['vocabulary'])
+                  if S.has_vocabulary(feature) else None)
+    # The mean of an id (a community area, an hour of the day) says nothing:
+    # identity features are checked for range and unseen values only.
+    plans.append(_Plan(
+        feature.name, feature.kind in (F.Kind.NUMERIC, F.Kind.BUCKETIZED),
+        S.has_numeric_stats(feature), st.get('min'), st.get('max'),
+        vocabulary))
+  return tuple(plans)
+
+
+# Quality accumulator: events, scored, predicted positives, labelled,
+# actual positives, labelled and scored, and among those: predicted
+# positives, actual positives, correct.
+_QUALITY_FIELDS = 9
+# Feature accumulator: missing, present, sum, sum of squares, out of range,
+# unseen.
+_FEATURE_FIELDS = 6
+
+
+def new_accumulator(plans: tuple[_Plan, ...]) -> list[list[float]]:
+  return [[0] * _QUALITY_FIELDS] + [[0] * _FEATURE_FIELDS for _ in plans]
+
+
+def add_scored(acc: list[list[float]], plans: tuple[_Plan, ...],
+               scored: ScoredTrip) -> list[list[float]]:
+  """Adds one scored event to a window accumulator."""
+  record = scored.record
+  quality = acc[0]
+  quality[0] += 1
+  is_scored = scored.predicted is not None
+  if is_scored:
+    quality[1] += 1
+    quality[2] += scored.predicted
+  label = actual_label(record)
+  if label is not None:
+    quality[3] += 1
+    quality[4] += label
+    if is_scored:
+      quality[5] += 1
+      quality[6] += scored.predicted
+      quality[7] += label
+      quality[8] += int(scored.predicted == label)
+  for plan, f_acc in zip(plans, acc[1:]):
+    if S.is_missing(record, plan.name):
+      f_acc[0] += 1
+      continue
+    value = record.values[plan.name]
+    f_acc[1] += 1
+    if plan.numeric:
+      x = float(value)
+      f_acc[2] += x
+      f_acc[3] += x * x
+    if plan.ranged and plan.low is not None and not (
+        plan.low <= value <= plan.high):
+      f_acc[4] += 1
+    if plan.vocabulary is not None and value not in plan.vocabulary:
+      f_acc[5] += 1
+  return acc
+
+
+def merge_accumulators(accs: Iterable[list[list[float]]]
+                       ) -> list[list[float]]:
+  accs = iter(accs)
+  merged = next(accs)
+  for acc in accs:
+    for into, part in zip(merged, acc):
+      for i, v in enumerate(part):
+        into[i] += v
+  return merged
+
+
+def _ratio(num: float, den: float) -> Optional[float]:
+  return num / den if den else None
+
+
+def quality_summary(acc: list[list[float]]) -> dict[str, Any]:
+  (n, n_scored, pos, labelled, actual, both, pos_both, actual_both,
+   correct) = acc[0]
+  return {
+      'count': n,
+      'scored': n_scored,
+      'predicted_positive_rate': _ratio(pos, n_scored),
+      'labelled': labelled,
+      'actual_positive_rate': _ratio(actual, labelled),
+      'labelled_scored': both,
+      # On the events that have both, so the two rates are comparable.
+      'predicted_positive_rate_labelled': _ratio(pos_both, both),
+      'actual_positive_rate_scored': _ratio(actual_both, both),
+      'accuracy': _ratio(correct, both),
+  }
+
+
+def drift_summary(acc: list[list[float]], plans: tuple[_Plan, ...],
+                  training_stats: dict[str, Any]) -> list[dict[str, Any]]:
+  """One drift row per model feature for a window."""
+  rows = []
+  for plan, (missing, present, total, squares, out_of_range, unseen) in zip(
+      plans, acc[1:]):
+    st = training_stats['features'][plan.name]
+    n = missing + present
+    row = {'feature': plan.name, 'kind': st['kind'], 'count': n,
+           'present': present, 'missing_rate': _ratio(missing, n),
+           'train_missing_rate': st['missing_rate']}
+    if plan.numeric:
+      mean = _ratio(total, present)
+      std = (math.sqrt(max(squares / present - mean * mean, 0.0))
+             if present else None)
+      train_std = st['std']
+      scale = train_std if train_std else None
+      row.update(
+          mean=mean, train_mean=st['mean'], std=std, train_std=train_std,
+          mean_shift=(_ratio(mean - st['mean'], scale)
+                      if mean is not None and scale else None),
+          std_shift=(_ratio(std - train_std, scale)
+                     if std is not None and scale else None))
+    if plan.ranged:
+      row['out_of_range_share'] = _ratio(out_of_range, present)
+    if plan.vocabulary is not None:
+      row['unseen_share'] = _ratio(unseen, present)
+    rows.append(row)
+  return rows
+
+
+def alerts_for(quality: dict[str, Any], drift: list[dict[str, Any]],
+               thresholds: DriftThresholds) -> list[dict[str, Any]]:
+  """Alert dicts (feature, metric, value, threshold) for crossed thresholds."""
+  alerts = []
+
+  def check(feature, metric, value, threshold, signed=True):
+    if value is not None and (abs(value) if signed else value) > threshold:
+      alerts.append({'feature': feature, 'metric': metric, 'value': value,
+                     'threshold': threshold})
+
+  for row in drift:
+    if row['present'] >= thresholds.min_count:
+      check(row['feature'], 'mean_shift', row.get('mean_shift'),
+            thresholds.mean_shift)
+      check(row['feature'], 'std_shift', row.get('std_shift'),
+            thresholds.std_shift)
+      check(row['feature'], 'out_of_range_share',
+            row.get('out_of_range_share'), thresholds.out_of_range)
+      check(row['feature'], 'unseen_share', row.get('unseen_share'),
+            thresholds.unseen)
+    if row['count'] >= thresholds.min_count and row['missing_rate'] is not None:
+      check(row['feature'], 'missing_rate_increase',
+            row['missing_rate'] - row['train_missing_rate'],
+            thresholds.missing_rate_increase, signed=False)
+  if quality['labelled_scored'] >= thresholds.min_count:
+    check(F.TRANSFORMED_LABEL_KEY, 'positive_rate_gap',
+          quality['predicted_positive_rate_labelled']
+          - quality['actual_positive_rate_scored'], thresholds.rate_gap)
+  return alerts
+
+
+# ---------------------------------------------------------------- transforms
+
+class MonitorFn(beam.CombineFn):
+  """Scored events of a window -> its accumulator (report in a DoFn)."""
+
+  def __init__(self, training_stats: dict[str, Any]):
+    self._plans = drift_plan(training_stats)
+
+  def create_accumulator(self):
+    return new_accumulator(self._plans)
+
+  def add_input(self, acc, scored: ScoredTrip):
+    return add_scored(acc, self._plans, scored)
+
+  def merge_accumulators(self, accs):
+    return merge_accumulators(accs)
+
+  def extract_output(self, acc):
+    return acc
+
+
+class _ReportFn(beam.DoFn):
+  """Window accumulator -> quality row, drift rows and alerts."""
+
+  def __init__(self, training_stats: dict[str, Any],
+               thresholds: DriftThresholds, alert_on_early: bool):
+    self._stats = training_stats
+    self._plans = drift_plan(training_stats)
+    self._thresholds = thresholds
+    self._alert_on_early = alert_on_early
+    self._alerts = Metrics.counter(_NAMESPACE, 'alerts')
+
+  def process(self, element, window=beam.DoFn.WindowParam,
+              pane=beam.DoFn.PaneInfoParam):
+    _, acc = element
+    where = {**windowing.window_fields(window), **windowing.pane_fields(pane)}
+    quality = quality_summary(acc)
+    drift = drift_summary(acc, self._plans, self._stats)
+    yield beam.pvalue.TaggedOutput('quality', {**where, **quality})
+    for row in drift:
+      yield beam.pvalue.TaggedOutput('drift', {**where, **row})
+    if where['timing'] == 'EARLY' and not self._alert_on_early:
+      return
+    for alert in alerts_for(quality, drift, self._thresholds):
+      self._alerts.inc()
+      yield beam.pvalue.TaggedOutput('alerts', {**alert, **where})
+
+
+def describe(scored: ScoredTrip) -> dict[str, Any]:
+  """A scored event as JSON (late records)."""
+  return {**scored.record.values, 'probability': scored.probability,
+          'predicted': scored.predicted}
+
+
+def _global_key(unused_scored: ScoredTrip) -> str:
+  return _GLOBAL_KEY
+
+
+class MonitorPredictions(beam.PTransform):
+  """Timestamped ``ScoredTrip``s -> quality, drift, alerts, late.
+
+  Args:
+    training_stats: the ``stats.json`` dict of the model's training run.
+    config: windowing (its ``key`` is unused: the monitor is per window).
+    thresholds: when to alert.
+    alert_on_early: also alert on EARLY (partial) panes.
+  """
+
+  def __init__(self, training_stats: dict[str, Any],
+               config: windowing.WindowConfig = windowing.WindowConfig(),
+               thresholds: DriftThresholds = DriftThresholds(),
+               alert_on_early: bool = False):
+    super().__init__()
+    self._stats = training_stats
+    self._config = config
+    self._thresholds = thresholds
+    self._alert_on_early = alert_on_early
+
+  def expand(self, scored):
+    split = scored | 'WindowScored' >> windowing.WindowWithLateOutput(
+        self._config, key_fn=_global_key, key_name='monitor',
+        describe=describe)
+    reports = (
+        split['windowed']
+        | 'CombineWindow' >> beam.CombinePerKey(MonitorFn(self._stats))
+        | 'Report' >> beam.ParDo(_ReportFn(
+            self._stats, self._thresholds, self._alert_on_early)
+        ).with_outputs('quality', 'drift', 'alerts'))
+    return {'quality': reports.quality, 'drift': reports.drift,
+            'alerts': reports.alerts, 'late': split['late']}

@@ -1,0 +1,246 @@
+"""Training statistics of every raw feature, for validation and drift checks.
+
+The statistics are computed from parsed ``records.Record`` values, so they
+describe exactly what the model was trained on (defaults filled by the parser
+are counted as *missing*, not as values). The same code is available two ways
+with identical results:
+
+* ``compute_stats(records)``: a plain function, for notebooks and tests;
+* ``ComputeFeatureStats()``: a Beam ``PTransform`` (``PCollection[Record]`` ->
+  one dict) for the training pipeline.
+
+Both fold records into the accumulator of ``FeatureStatsFn``. Sums are kept as
+exact floating-point expansions (Shewchuk's algorithm, the one behind
+``math.fsum``), so the result does not depend on how Beam splits and merges
+bundles: the pure function and the combine agree to the last bit.
+
+Format (JSON-serializable, written as ``stats.json``)::
+
+    {"count": N,
+     "features": {
+       name: {"kind": "numeric", "dtype": "float", "count": N, "missing": k,
+              "missing_rate": k / N,
+              # numeric, bucketized, label, event_time, identity:
+              "min": .., "max": .., "mean": .., "std": ..,
+              # categorical, identity:
+              "top_values": [{"value": v, "count": c}, ...],   # <= 20
+              "vocabulary_size": V,
+              "vocabulary": [v, ...],      # most frequent first, <= 1000
+              "vocabulary_truncated": false}}}
+
+``min``/``max``/``mean``/``std`` (population std) cover present values only and
+are ``null`` when every value is missing. ``vocabulary`` is the full set of
+seen values up to ``features.VOCAB_SIZE`` (the size of the model's own
+vocabulary), so the drift monitor can judge an unseen category the way the
+model does: anything outside it is out of vocabulary.
+
+Example::
+
+    from transforms import records, stats
+    rows = records.read_csv('data/taxi_trips.csv')
+    s = stats.compute_stats(records.parse_csv_row(r) for r in rows)
+    s['features']['fare']['mean']
+"""
+
+from __future__ import annotations
+
+import fractions
+import json
+import math
+from typing import Any, Iterable
+
+import apache_beam as beam
+
+from transforms.features import FEATURES, Feature, Kind, VOCAB_SIZE
+from transforms.records import Record
+
+TOP_VALUES = 20
+VOCABULARY_CAP = VOCAB_SIZE
+
+# Kinds that get min/max/mean/std, and kinds that get value counts.
+_NUMERIC_KINDS = frozenset({Kind.NUMERIC, Kind.BUCKETIZED, Kind.LABEL,
+                            Kind.EVENT_TIME, Kind.IDENTITY})
+_COUNTED_KINDS = frozenset({Kind.CATEGORICAL, Kind.IDENTITY})
+
+
+def has_numeric_stats(feature: Feature) -> bool:
+  """Whether ``feature`` gets min/max/mean/std in the statistics."""
+  return feature.kind in _NUMERIC_KINDS
+
+
+def has_vocabulary(feature: Feature) -> bool:
+  """Whether ``feature`` gets top values and a vocabulary."""
+  return feature.kind in _COUNTED_KINDS
+
+
+def is_missing(record: Record, name: str) -> bool:
+  """A feature is missing if the parser filled its default or left it out.
+
+  An absent label (serving events) is left out of ``values`` entirely.
+  """
+  return name in record.missing or name not in record.values
+
+
+# Exact sums: a list of non-overlapping floats whose exact sum is the total.
+def _add_exact(partials: list[float], x: float) -> None:
+  i = 0
+  for y in partials:
+    if abs(x) < abs(y):
+      x, y = y, x
+    hi = x + y
+    lo = y - (hi - x)
+    if lo:
+      partials[i] = lo
+      i += 1
+    x = hi
+  partials[i:] = [x]
+
+
+def _exact(partials: list[float]) -> fractions.Fraction:
+  return sum((fractions.Fraction(p) for p in partials), fractions.Fraction(0))
+
+
+# Accumulator of one feature: [missing, present, min, max, sum, sum of squares,
+# value counts]. Plain lists and dicts keep Beam's pickling cheap.
+_MISSING, _PRESENT, _MIN, _MAX, _SUM, _SUMSQ, _VALUES = range(7)
+
+
+def _new_feature_acc() -> list[Any]:
+  return [0, 0, None, None, [], [], {}]
+
+
+def _add_value(acc: list[Any], feature: Feature, value: Any) -> None:
+  acc[_PRESENT] += 1
+  if feature.kind in _NUMERIC_KINDS:
+    x = float(value)
+    acc[_MIN] = x if acc[_MIN] is None else min(acc[_MIN], x)
+    acc[_MAX] = x if acc[_MAX] is None else max(acc[_MAX], x)
+    _add_exact(acc[_SUM], x)
+    _add_exact(acc[_SUMSQ], x * x)
+  if feature.kind in _COUNTED_KINDS:
+    acc[_VALUES][value] = acc[_VALUES].get(value, 0) + 1
+
+
+def _merge_feature(into: list[Any], other: list[Any]) -> None:
+  into[_MISSING] += other[_MISSING]
+  into[_PRESENT] += other[_PRESENT]
+  for i, pick in ((_MIN, min), (_MAX, max)):
+    if other[i] is not None:
+      into[i] = other[i] if into[i] is None else pick(into[i], other[i])
+  for i in (_SUM, _SUMSQ):
+    for p in other[i]:
+      _add_exact(into[i], p)
+  for value, count in other[_VALUES].items():
+    into[_VALUES][value] = into[_VALUES].get(value, 0) + count
+
+
+def _feature_output(feature: Feature, acc: list[Any], total: int
+                    ) -> dict[str, Any]:
+  out: dict[str, Any] = {
+      'kind': feature.kind.value,
+      'dtype': feature.dtype.value,
+      'count': total,
+      'missing': acc[_MISSING],
+      'missing_rate': acc[_MISSING] / total if total else 0.0,
+  }
+  n = acc[_PRESENT]
+  if feature.kind in _NUMERIC_KINDS:
+    if n:
+      s, q = _exact(acc[_SUM]), _exact(acc[_SUMSQ])
+      out.update(min=acc[_MIN], max=acc[_MAX], mean=float(s / n),
+                 std=math.sqrt(max(float((q * n - s * s) / (n * n)), 0.0)))
+    else:
+      out.update(min=None, max=None, mean=None, std=None)
+  if feature.kind in _COUNTED_KINDS:
+    # Most frequent first; ties by value so the order is deterministic.
+    ranked = sorted(acc[_VALUES].items(), key=lambda vc: (-vc[1], str(vc[0])))
+    out.update(
+        top_values=[{'value': v, 'count': c} for v, c in ranked[:TOP_VALUES]],
+        vocabulary_size=len(ranked),
+        vocabulary=[v for v, _ in ranked[:VOCABULARY_CAP]],
+        vocabulary_truncated=len(ranked) > VOCABULARY_CAP)
+  return out
+
+
+class FeatureStatsFn(beam.CombineFn):
+  """Combines ``Record``s into the statistics dict (see module docstring)."""
+
+  def create_accumulator(self) -> list[Any]:
+    return [0, [_new_feature_acc() for _ in FEATURES]]
+
+  def add_input(self, accumulator: list[Any], record: Record) -> list[Any]:
+    accumulator[0] += 1
+    for feature, acc in zip(FEATURES, accumulator[1]):
+      if is_missing(record, feature.name):
+        acc[_MISSING] += 1
+      else:
+        _add_value(acc, feature, record.values[feature.name])
+    return accumulator
+
+  def merge_accumulators(self, accumulators: Iterable[list[Any]]
+                         ) -> list[Any]:
+    accumulators = iter(accumulators)
+    merged = next(accumulators)
+    for other in accumulators:
+      merged[0] += other[0]
+      for into, acc in zip(merged[1], other[1]):
+        _merge_feature(into, acc)
+    return merged
+
+  def extract_output(self, accumulator: list[Any]) -> dict[str, Any]:
+    total = accumulator[0]
+    return {
+        'count': total,
+        'features': {
+            f.name: _feature_output(f, acc, total)
+            for f, acc in zip(FEATURES, accumulator[1])
+        },
+    }
+
+
+def compute_stats(records: Iterable[Record]) -> dict[str, Any]:
+  """Statistics of ``records``; identical to ``ComputeFeatureStats``."""
+  fn = FeatureStatsFn()
+  accumulator = fn.create_accumulator()
+  for record in records:
+    accumulator = fn.add_input(accumulator, record)
+  return fn.extract_output(accumulator)
+
+
+class ComputeFeatureStats(beam.PTransform):
+  """``PCollection[Record]`` -> a single statistics dict.
+
+  Args:
+    windowed: set for a windowed (e.g. streaming) input: one dict per window
+      and no output for empty windows. By default the input is in the global
+      window and an empty input still yields a dict with ``count`` 0.
+  """
+
+  def __init__(self, windowed: bool = False):
+    super().__init__()
+    self._windowed = windowed
+
+  def expand(self, records):
+    combine = beam.CombineGlobally(FeatureStatsFn())
+    if self._windowed:
+      combine = combine.without_defaults()
+    return records | 'CombineFeatureStats' >> combine
+
+
+def dumps(stats: dict[str, Any]) -> str:
+  """``stats.json`` text: sorted keys, so runs diff cleanly."""
+  return json.dumps(stats, indent=1, sort_keys=True)
+
+
+def write_stats(stats: dict[str, Any], path: str) -> None:
+  """Writes ``stats.json`` to ``path`` (local or any Beam filesystem)."""
+  from apache_beam.io.filesystems import FileSystems
+  with FileSystems.create(path) as f:
+    f.write(dumps(stats).encode('utf-8'))
+
+
+def read_stats(path: str) -> dict[str, Any]:
+  """Reads a ``stats.json`` written by ``write_stats``."""
+  from apache_beam.io.filesystems import FileSystems
+  with FileSystems.open(path) as f:
+    return json.loads(f.read().decode('utf-8'))

@@ -1,0 +1,525 @@
+"""Event-time windowing of trips, with late data as an explicit output.
+
+``WindowedTripStats(config)`` takes timestamped ``records.Record``s (event
+time from ``features.EVENT_TIME_KEY``) and returns two PCollections:
+
+* ``'stats'``: one JSON-ready dict per key, window and pane: count, sum and
+  mean of fare and tips, tip rate, the window (ISO and epoch seconds) and the
+  pane (timing EARLY / ON_TIME / LATE, index, is_last);
+* ``'late'``: every record that arrived after the watermark had passed the end
+  of its window plus the allowed lateness, with the reason and the window it
+  missed. Counted by ``Metrics.counter('windowing', 'too_late')``.
+
+Why a splitter in front of the GroupByKey
+-----------------------------------------
+Beam's GroupByKey drops elements whose window expired (watermark past window
+end + allowed lateness) without telling the pipeline (Java only bumps a
+``droppedDueToLateness`` counter; the Python SDK not even that), and a Python
+DoFn cannot read the watermark. So ``SplitLate`` decides lateness *before*
+the GroupByKey, from what event-time timers tell it:
+
+1. It runs in the global window (its elements can never expire, so no runner
+   drops them before it sees them) as a stateful DoFn keyed by a shard
+   (``config.shards``, default 1, so every element meets the same knowledge).
+2. It keeps a "clock" event-time timer on the lattice of window expiry times
+   (``window.max_timestamp() + allowed_lateness``; every window size, or
+   period, or session gap). A timer at ``T`` fires only once the input
+   watermark is ``>= T``, so the last fired time ``K`` is a proven lower bound
+   of the watermark.
+3. An element whose window expires at ``T <= K`` is provably too late: it goes
+   to ``'late'`` and never reaches the aggregation. Every other element is
+   forwarded. For sliding windows the decision is per window: an element can
+   be aggregated in its newer windows and late for its older ones.
+4. ``K`` can trail the real watermark by up to one lattice step plus the time
+   the runner takes to fire the timer. The aggregation therefore keeps its
+   windows open ``lateness_margin`` longer than ``allowed_lateness`` (default
+   one lattice step), so an element the splitter forwarded is not dropped by
+   the GroupByKey. Lateness is thus judged once, by the splitter, and an
+   element is either aggregated or in ``'late'``.
+5. The clock stops at the end of time (bounded input or drain) and, when no
+   element arrived for a while, takes exponentially longer steps, so it costs
+   a handful of timers per window period and terminates.
+
+``WindowWithLateOutput`` is the reusable part (the splitter and the
+``WindowInto``) for any element type; ``transforms.monitoring`` windows scored
+events with it. On the Python DirectRunner a pane is never marked
+``is_last`` (its trigger driver does not implement the end-of-lateness
+pane); runners that do (Prism, Dataflow, Flink) mark the final one.
+
+Example::
+
+    cfg = WindowConfig(kind='fixed', size=3600, allowed_lateness=7200,
+                       early_every=10, late_every=1)
+    out = timestamped_records | WindowedTripStats(cfg)
+    out['stats'] | WriteStats(...); out['late'] | WriteLate(...)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import enum
+import zlib
+from typing import Any, Iterable, NamedTuple, Optional
+
+import apache_beam as beam
+from apache_beam.coders import BooleanCoder, VarIntCoder
+from apache_beam.metrics import Metrics
+from apache_beam.transforms import trigger as T
+from apache_beam.transforms import userstate
+from apache_beam.transforms import window as W
+from apache_beam.utils.timestamp import Duration, Timestamp
+from apache_beam.utils.windowed_value import PaneInfo, PaneInfoTiming
+
+from transforms.features import COMMUNITY_AREA_KEY, FARE_KEY, LABEL_KEY
+from transforms.features import FEATURES_BY_NAME
+from transforms.records import Record
+
+LATE_TAG = 'late'
+_NAMESPACE = 'windowing'
+# After this many clock ticks without an element, the clock doubles its step.
+_IDLE_TICKS = 16
+
+
+class WindowKind(enum.Enum):
+  FIXED = 'fixed'
+  SLIDING = 'sliding'
+  SESSION = 'session'
+
+
+class Accumulation(enum.Enum):
+  ACCUMULATING = 'accumulating'
+  DISCARDING = 'discarding'
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowConfig:
+  """How trips are windowed and when panes fire. Times are in seconds.
+
+  Attributes:
+    kind: fixed, sliding or session windows.
+    size: window length (fixed and sliding).
+    period: how often a sliding window starts.
+    gap: inactivity gap that closes a session.
+    allowed_lateness: how long after the watermark passed a window's end its
+      late elements are still aggregated (LATE panes); later ones go to the
+      late output.
+    early_every: processing-time seconds between EARLY panes while the window
+      is open; 0 for no early panes.
+    late_every: a LATE pane after every N late elements (>= 1; late
+      elements are never held back without a pane, see ``margin``).
+    accumulation: accumulating (every pane holds the whole window so far) or
+      discarding (every pane holds only what arrived since the last pane).
+    key: the raw feature the aggregates are grouped by.
+    shards: parallelism of the lateness splitter (see module docstring).
+    lateness_margin: extra time the aggregation keeps windows open beyond
+      allowed_lateness; None for one clock step.
+  """
+  kind: WindowKind = WindowKind.FIXED
+  size: float = 3600
+  period: float = 300
+  gap: float = 1800
+  allowed_lateness: float = 7200
+  early_every: float = 0
+  late_every: int = 1
+  accumulation: Accumulation = Accumulation.ACCUMULATING
+  key: str = COMMUNITY_AREA_KEY
+  shards: int = 1
+  lateness_margin: Optional[float] = None
+
+  def __post_init__(self):
+    # Accept the flag spellings ('fixed', 'discarding') as well as the enums.
+    object.__setattr__(self, 'kind', WindowKind(self.kind))
+    object.__setattr__(self, 'accumulation', Accumulation(self.accumulation))
+    if self.key not in FEATURES_BY_NAME:
+      raise ValueError(f'unknown key feature {self.key!r}')
+    if min(self.size, self.period, self.gap) <= 0:
+      raise ValueError('size, period and gap must be positive')
+    if self.kind is WindowKind.SLIDING and self.period > self.size:
+      raise ValueError('sliding period must not exceed the window size')
+    if self.allowed_lateness < 0 or self.early_every < 0:
+      raise ValueError('allowed_lateness and early_every must be >= 0')
+    if self.late_every < 1:
+      raise ValueError('late_every must be >= 1')
+    if self.shards < 1:
+      raise ValueError('shards must be >= 1')
+
+  @property
+  def step(self) -> float:
+    """Distance between successive window expiry times (the clock step)."""
+    return {WindowKind.FIXED: self.size, WindowKind.SLIDING: self.period,
+            WindowKind.SESSION: self.gap}[self.kind]
+
+  @property
+  def margin(self) -> float:
+    return self.step if self.lateness_margin is None else self.lateness_margin
+
+  def window_fn(self) -> W.WindowFn:
+    if self.kind is WindowKind.FIXED:
+      return W.FixedWindows(self.size)
+    if self.kind is WindowKind.SLIDING:
+      return W.SlidingWindows(self.size, self.period)
+    return W.Sessions(self.gap)
+
+  def trigger(self) -> T.TriggerFn:
+    early = (T.AfterProcessingTime(self.early_every) if self.early_every
+             else None)
+    # Always a late trigger: the aggregation accepts late data for at least
+    # the margin, even with allowed_lateness=0.
+    return T.AfterWatermark(early=early, late=T.AfterCount(self.late_every))
+
+  def accumulation_mode(self):
+    return (T.AccumulationMode.ACCUMULATING
+            if self.accumulation is Accumulation.ACCUMULATING
+            else T.AccumulationMode.DISCARDING)
+
+
+# ---------------------------------------------------------------- plain logic
+
+def expiry_micros(window: W.BoundedWindow, allowed_lateness: float) -> int:
+  """When ``window`` expires: the GroupByKey drops its elements after this."""
+  return (window.max_timestamp() + Duration.of(allowed_lateness)).micros
+
+
+def iso(ts_micros: int) -> str:
+  """UTC ISO-8601 with a Z, to the second (or finer when needed)."""
+  dt = datetime.datetime.fromtimestamp(ts_micros / 1e6, datetime.timezone.utc)
+  text = dt.isoformat(timespec='seconds' if ts_micros % 1_000_000 == 0
+                      else 'microseconds')
+  return text.replace('+00:00', 'Z')
+
+
+def window_fields(window: W.BoundedWindow) -> dict[str, Any]:
+  """Window bounds as ISO strings and epoch seconds."""
+  start, end = window.start.micros, window.end.micros
+  return {'window_start': iso(start), 'window_end': iso(end),
+          'window_start_s': start / 1e6, 'window_end_s': end / 1e6}
+
+
+def pane_fields(pane: PaneInfo) -> dict[str, Any]:
+  """The pane as JSON: timing EARLY/ON_TIME/LATE, index, first/last."""
+  return {'timing': PaneInfoTiming.to_string(pane.timing),
+          'pane_index': pane.index, 'is_first': pane.is_first,
+          'is_last': pane.is_last}
+
+
+def shard_of(key: Any, shards: int) -> int:
+  """A stable shard for ``key`` (Python's hash() is salted per process)."""
+  return zlib.crc32(repr(key).encode('utf-8')) % shards
+
+
+def late_event(key_name: str, key: Any, values: dict[str, Any],
+               window: W.BoundedWindow, event_time_micros: int,
+               watermark_micros: int, allowed_lateness: float
+               ) -> dict[str, Any]:
+  """The JSON record of an element routed to the late output.
+
+  ``values`` is the element as JSON (for trips, ``Record.values``).
+  """
+  return {
+      'reason': 'watermark passed window end + allowed lateness',
+      'key_name': key_name, 'key': key,
+      'event_time': iso(event_time_micros),
+      'event_time_s': event_time_micros / 1e6,
+      'watermark_at_least': iso(watermark_micros),
+      'allowed_lateness_s': allowed_lateness,
+      **window_fields(window),
+      'record': values,
+  }
+
+
+class TripAggregate(NamedTuple):
+  count: int = 0
+  fare_sum: float = 0.0
+  tips_count: int = 0            # records whose tips are known
+  tips_sum: float = 0.0
+  fare_sum_with_tips: float = 0.0
+
+
+def add_trip(acc: TripAggregate, record: Record) -> TripAggregate:
+  """Adds one record; tips are optional (unlabelled serving events)."""
+  fare = record.values[FARE_KEY]
+  tips = record.values.get(LABEL_KEY)
+  if tips is None or LABEL_KEY in record.missing:
+    return acc._replace(count=acc.count + 1, fare_sum=acc.fare_sum + fare)
+  return TripAggregate(acc.count + 1, acc.fare_sum + fare, acc.tips_count + 1,
+                       acc.tips_sum + tips, acc.fare_sum_with_tips + fare)
+
+
+def merge_trips(accs: Iterable[TripAggregate]) -> TripAggregate:
+  return TripAggregate(*(sum(column) for column in zip(TripAggregate(),
+                                                       *accs)))
+
+
+def trip_summary(acc: TripAggregate) -> dict[str, Any]:
+  """count, fare/tips sums and means, tip rate = tips / fare."""
+  return {
+      'count': acc.count,
+      'fare_sum': acc.fare_sum,
+      'fare_mean': acc.fare_sum / acc.count if acc.count else None,
+      'tips_count': acc.tips_count,
+      'tips_sum': acc.tips_sum,
+      'tips_mean': acc.tips_sum / acc.tips_count if acc.tips_count else None,
+      'tip_rate': (acc.tips_sum / acc.fare_sum_with_tips
+                   if acc.fare_sum_with_tips else None),
+  }
+
+
+def window_result(key_name: str, key: Any, summary: dict[str, Any],
+                  window: W.BoundedWindow, pane: PaneInfo) -> dict[str, Any]:
+  """One output row: key, window, pane and the aggregates."""
+  return {'key_name': key_name, 'key': key, **window_fields(window),
+          **pane_fields(pane), **summary}
+
+
+# ---------------------------------------------------------------- transforms
+
+class TripAggregateFn(beam.CombineFn):
+  """Combines records into a ``trip_summary`` dict."""
+
+  def create_accumulator(self) -> TripAggregate:
+    return TripAggregate()
+
+  def add_input(self, acc: TripAggregate, record: Record) -> TripAggregate:
+    return add_trip(acc, record)
+
+  def merge_accumulators(self, accs: Iterable[TripAggregate]
+                         ) -> TripAggregate:
+    return merge_trips(accs)
+
+  def extract_output(self, acc: TripAggregate) -> dict[str, Any]:
+    return trip_summary(acc)
+
+
+class _Forwarded(NamedTuple):
+  """An element on its way to the aggregation, in one window (or session)."""
+  key: Any
+  element: Any
+  window: Optional[tuple[int, int]]   # (start, end) micros; None: sessions
+
+
+class RecordKey:
+  """``record.values[name]``: the default grouping key of a Record."""
+
+  def __init__(self, name: str):
+    self.name = name
+
+  def __call__(self, record: Record) -> Any:
+    return record.values[self.name]
+
+
+def record_values(record: Record) -> dict[str, Any]:
+  """How a late Record is written: its typed values."""
+  return record.values
+
+
+class _ExplicitWindows(W.NonMergingWindowFn):
+  """Assigns the window ``SplitLate`` chose (fixed and sliding windows).
+
+  Sliding windows are split per window by ``SplitLate``, so the element must
+  land in exactly the windows that are not expired, not in all its windows.
+  """
+
+  def assign(self, context):
+    start, end = context.element.window
+    return [W.IntervalWindow(Timestamp(micros=start), Timestamp(micros=end))]
+
+  def get_window_coder(self):
+    return beam.coders.coders.IntervalWindowCoder()
+
+
+class _SplitLateFn(beam.DoFn):
+  """Stateful splitter; see the module docstring for the argument."""
+
+  WATERMARK = userstate.ReadModifyWriteStateSpec('watermark', VarIntCoder())
+  NEXT_TICK = userstate.ReadModifyWriteStateSpec('next_tick', VarIntCoder())
+  STRIDE = userstate.ReadModifyWriteStateSpec('stride', VarIntCoder())
+  IDLE = userstate.ReadModifyWriteStateSpec('idle', VarIntCoder())
+  ENDED = userstate.ReadModifyWriteStateSpec('ended', BooleanCoder())
+  CLOCK = userstate.TimerSpec('clock', userstate.TimeDomain.WATERMARK)
+  END = userstate.TimerSpec('end', userstate.TimeDomain.WATERMARK)
+
+  def __init__(self, config: WindowConfig, key_name: str, describe):
+    self._config = config
+    self._key_name = key_name
+    self._describe = describe
+    self._window_fn = config.window_fn()
+    self._step = Duration.of(config.step).micros
+    self._end = W.GlobalWindow().max_timestamp().micros
+
+  def process(self, element, timestamp=beam.DoFn.TimestampParam,
+              watermark=beam.DoFn.StateParam(WATERMARK),
+              next_tick=beam.DoFn.StateParam(NEXT_TICK),
+              stride=beam.DoFn.StateParam(STRIDE),
+              idle=beam.DoFn.StateParam(IDLE),
+              ended=beam.DoFn.StateParam(ENDED),
+              clock=beam.DoFn.TimerParam(CLOCK),
+              end=beam.DoFn.TimerParam(END)):
+    _, (key, value) = element
+    cfg = self._config
+    known = watermark.read()
+    windows = self._window_fn.assign(
+        W.WindowFn.AssignContext(timestamp, element=value))
+    expiries = [expiry_micros(w, cfg.allowed_lateness) for w in windows]
+    if not ended.read():
+      if next_tick.read() is None:
+        # Start the clock at this element's earliest expiry: on the lattice.
+        self._set_clock(min(expiries), clock, next_tick, stride)
+        end.set(Timestamp(micros=self._end))
+      elif (stride.read() or 1) > 1:
+        # Elements again after a quiet spell: back to one tick per step.
+        self._set_clock(known + self._step, clock, next_tick, stride)
+    idle.write(0)
+    for window, expires in zip(windows, expiries):
+      if known is not None and expires <= known:
+        yield beam.pvalue.TaggedOutput(LATE_TAG, late_event(
+            self._key_name, key, self._describe(value), window,
+            timestamp.micros, known, cfg.allowed_lateness))
+        continue
+      bounds = (None if cfg.kind is WindowKind.SESSION
+                else (window.start.micros, window.end.micros))
+      yield _Forwarded(key, value, bounds)
+
+  @userstate.on_timer(CLOCK)
+  def on_clock(self, fired=beam.DoFn.TimestampParam,
+               watermark=beam.DoFn.StateParam(WATERMARK),
+               next_tick=beam.DoFn.StateParam(NEXT_TICK),
+               stride=beam.DoFn.StateParam(STRIDE),
+               idle=beam.DoFn.StateParam(IDLE),
+               ended=beam.DoFn.StateParam(ENDED),
+               clock=beam.DoFn.TimerParam(CLOCK)):
+    watermark.write(fired.micros)     # the watermark is at least here
+    if ended.read():
+      return
+    idle_ticks = (idle.read() or 0) + 1
+    idle.write(idle_ticks)
+    # While elements arrive, tick every expiry; when idle, back off so a
+    # quiet stream (or the jump to the end of time) costs few timers.
+    factor = 1 if idle_ticks <= _IDLE_TICKS else min(
+        2 * (stride.read() or 1), 1 << 40)
+    tick = fired.micros + factor * self._step
+    if tick < self._end:
+      self._set_clock(tick, clock, next_tick, stride, factor)
+
+  @staticmethod
+  def _set_clock(tick: int, clock, next_tick, stride, factor: int = 1):
+    clock.set(Timestamp(micros=tick))
+    next_tick.write(tick)
+    stride.write(factor)
+
+  @userstate.on_timer(END)
+  def on_end(self, watermark=beam.DoFn.StateParam(WATERMARK),
+             ended=beam.DoFn.StateParam(ENDED),
+             clock=beam.DoFn.TimerParam(CLOCK)):
+    watermark.write(self._end)
+    ended.write(True)
+    clock.clear()
+
+
+class _CountFn(beam.DoFn):
+  """Counts elements into ``Metrics.counter('windowing', name)``."""
+
+  def __init__(self, name: str):
+    self._counter = Metrics.counter(_NAMESPACE, name)
+
+  def process(self, element):
+    self._counter.inc()
+    yield element
+
+
+class WindowWithLateOutput(beam.PTransform):
+  """Timestamped elements -> windowed ``(key, element)`` and late dicts.
+
+  The reusable part of this module: ``SplitLate`` then ``WindowInto`` with the
+  config's window, trigger, accumulation and lateness (+ margin). Returns
+  ``{'windowed': PCollection[(key, element)], 'late': PCollection[dict]}``;
+  group or combine ``'windowed'`` per key to get panes.
+
+  Args:
+    config: the windowing.
+    key_fn: element -> grouping key; default ``record.values[config.key]``.
+    key_name: name of the key in late records; default ``config.key``.
+    describe: element -> JSON dict for late records; default
+      ``record.values``.
+  """
+
+  def __init__(self, config: WindowConfig, key_fn=None,
+               key_name: Optional[str] = None, describe=None):
+    super().__init__()
+    self._config = config
+    self._key_fn = key_fn or RecordKey(config.key)
+    self._key_name = key_name or config.key
+    self._describe = describe or record_values
+
+  def expand(self, elements):
+    cfg, key_fn = self._config, self._key_fn
+    split = (
+        elements
+        # The splitter must live in the global window: elements there never
+        # expire, so no runner drops a late one before it is judged.
+        | 'RewindowGlobally' >> beam.WindowInto(W.GlobalWindows())
+        | 'KeyByShard' >> beam.Map(
+            lambda e: (shard_of(key_fn(e), cfg.shards), (key_fn(e), e))
+        ).with_output_types(beam.typehints.Tuple[int, Any])
+        | 'SplitLate' >> beam.ParDo(
+            _SplitLateFn(cfg, self._key_name, self._describe)).with_outputs(
+                LATE_TAG, main='forwarded'))
+    window_fn = (cfg.window_fn() if cfg.kind is WindowKind.SESSION
+                 else _ExplicitWindows())
+    windowed = (
+        split.forwarded
+        | 'CountForwarded' >> beam.ParDo(_CountFn('forwarded'))
+        | 'WindowForwarded' >> beam.WindowInto(
+            window_fn,
+            trigger=cfg.trigger(),
+            accumulation_mode=cfg.accumulation_mode(),
+            allowed_lateness=Duration.of(cfg.allowed_lateness + cfg.margin))
+        | 'KeyForwarded' >> beam.Map(lambda f: (f.key, f.element)))
+    late = split[LATE_TAG] | 'CountTooLate' >> beam.ParDo(_CountFn('too_late'))
+    return {'windowed': windowed, 'late': late}
+
+
+class _FormatPaneFn(beam.DoFn):
+  def __init__(self, key_name: str, accumulation: Accumulation):
+    self._key_name = key_name
+    self._accumulation = accumulation.value
+    self._panes = {t: Metrics.counter(_NAMESPACE, f'panes_{t.lower()}')
+                   for t in ('EARLY', 'ON_TIME', 'LATE', 'UNKNOWN')}
+
+  def process(self, element, window=beam.DoFn.WindowParam,
+              pane=beam.DoFn.PaneInfoParam):
+    key, summary = element
+    row = window_result(self._key_name, key, summary, window, pane)
+    # Readers need it to find a window's total: the last pane, or the sum.
+    row['accumulation'] = self._accumulation
+    self._panes[row['timing']].inc()
+    yield row
+
+
+class WindowedTripStats(beam.PTransform):
+  """Timestamped records -> {'stats': pane dicts, 'late': late dicts}."""
+
+  def __init__(self, config: WindowConfig):
+    super().__init__()
+    self._config = config
+
+  def expand(self, records):
+    split = records | 'WindowTrips' >> WindowWithLateOutput(self._config)
+    stats = (split['windowed']
+             | 'CombineTrips' >> beam.CombinePerKey(TripAggregateFn())
+             | 'FormatPanes' >> beam.ParDo(_FormatPaneFn(
+                 self._config.key, self._config.accumulation)))
+    return {'stats': stats, 'late': split['late']}
+
+
+def with_event_time(record: Record) -> beam.window.TimestampedValue:
+  """Timestamps a record with its event time (``EVENT_TIME_KEY``)."""
+  from transforms.features import EVENT_TIME_KEY
+  return beam.window.TimestampedValue(record, record.values[EVENT_TIME_KEY])
+
+
+class AssignEventTime(beam.PTransform):
+  """Records -> the same records timestamped with their event time."""
+
+  def expand(self, records):
+    return records | 'TimestampByEventTime' >> beam.Map(with_event_time)
