@@ -1,0 +1,270 @@
+"""Serving the exported model with Beam RunInference, with versions as data.
+
+``RawFeaturesModelHandler`` is a RunInference ``ModelHandler`` for the
+SavedModel that ``models.export`` writes. It batches parsed raw records into
+one dense tensor per raw feature and calls the ``serving_default`` signature,
+which runs the tf.Transform graph and the Keras model inside: nothing here
+re-implements preprocessing. (tfx-bsl's handlers take tf.Examples and lack
+``update_model_path``; Beam's TF handlers take one tensor, not a dict of raw
+features: hence a handler of our own.)
+
+Hot swap. The "model" the handler loads is a ``VersionedModel``: it serves
+the newest valid ``<model_root>/<integer>/`` version and, every
+``poll_secs``, looks for a newer one from a background thread. A candidate is
+*validated* before it is swapped in: it loads, its signature takes exactly
+our raw serving features, and a canary prediction is a probability. A version
+that fails is rejected (log line + ``model_versions_rejected`` counter) and
+the current one keeps serving; it is looked at again only when its files
+change (a slow upload finishing). Each batch is scored by one version, whose
+number is stamped on every ``PredictionResult`` (``model_id``); no batch
+waits for a load.
+
+Why not RunInference's model side input (``model_metadata_pcoll``, fed by
+``WatchFilePattern``)? ``WatchFilePattern`` matches files while a SavedModel
+is a directory; RunInference would retry a bundle forever if a pushed model
+failed to load; and an unbounded, triggered global-window side input is not
+supported by Prism (apache/beam#31438), while the DirectRunner runs such a
+pipeline on its batch engine. Watching inside the handler works the same on
+every runner.
+
+A version directory appears atomically when ``models.export`` writes it on a
+local or POSIX file system; on object stores the validation is what keeps a
+half-uploaded version out.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+import weakref
+from typing import Any, Iterable, NamedTuple, Optional, Sequence
+
+from apache_beam.metrics import Metrics
+from apache_beam.ml.inference.base import ModelHandler
+from apache_beam.ml.inference.base import PredictionResult
+
+from models import export
+from transforms import columns
+from transforms import features as F
+from transforms.records import Record
+
+METRICS_NAMESPACE = 'rtml.serve'
+
+
+class LoadedModel(NamedTuple):
+  version: int
+  path: str
+  signature: Any
+  saved_model: Any  # keeps the signature's variables alive
+
+
+def version_of(path: str) -> int:
+  return int(os.path.basename(os.path.normpath(path)))
+
+
+def load(path: str) -> LoadedModel:
+  import tensorflow as tf
+  saved = tf.saved_model.load(path)
+  return LoadedModel(version_of(path), path,
+                     saved.signatures[export.SERVING_SIGNATURE], saved)
+
+
+def predict(model: LoadedModel, records: Sequence[Record]) -> dict[str, Any]:
+  """Runs the raw-feature signature on parsed records (numpy outputs)."""
+  import tensorflow as tf
+  inputs = {name: tf.constant(values) for name, values in
+            columns.to_columns(records, include_label=False).items()}
+  return {k: v.numpy() for k, v in model.signature(**inputs).items()}
+
+
+def canary_record() -> Record:
+  """A syntactically valid raw record for smoke-testing a model."""
+  values = {}
+  for f in F.serving_features():
+    if f.domain is not None:
+      values[f.name] = f.domain[0]
+    elif f.default is not None:
+      values[f.name] = f.default
+    else:
+      values[f.name] = {F.DType.FLOAT: 1.0, F.DType.INT: 1,
+                        F.DType.STRING: 'Cash'}[f.dtype]
+  return Record(values, ())
+
+
+def load_validated(path: str) -> tuple[LoadedModel | None, str | None]:
+  """(model, None) if ``path`` is a servable version, else (None, reason)."""
+  try:
+    model = load(path)
+  except Exception as e:  # pylint: disable=broad-except
+    return None, f'cannot load: {type(e).__name__}: {str(e)[:300]}'
+  expected = {f.name for f in F.serving_features()}
+  got = set(model.signature.structured_input_signature[1])
+  if got != expected:
+    return None, (f'signature inputs differ from the raw serving features: '
+                  f'missing {sorted(expected - got)}, '
+                  f'extra {sorted(got - expected)}')
+  try:
+    probability = predict(model, [canary_record()])[export.PROBABILITY]
+  except Exception as e:  # pylint: disable=broad-except
+    return None, f'canary prediction failed: {type(e).__name__}: {str(e)[:300]}'
+  if not (len(probability) == 1 and math.isfinite(float(probability[0]))
+          and 0.0 <= float(probability[0]) <= 1.0):
+    return None, f'canary prediction is not a probability: {probability!r}'
+  return model, None
+
+
+def _fingerprint(path: str) -> tuple:
+  import tensorflow as tf
+  entries = []
+  for root, _, files in tf.io.gfile.walk(path):
+    for name in files:
+      full = os.path.join(root, name)
+      entries.append((full, tf.io.gfile.stat(full).length))
+  return tuple(sorted(entries))
+
+
+def _newest_valid(model_root: str, on_rejected) -> LoadedModel:
+  for version in reversed(export.list_versions(model_root)):
+    model, reason = load_validated(os.path.join(model_root, str(version)))
+    if model is not None:
+      return model
+    on_rejected(version, reason)
+  raise FileNotFoundError(f'no servable model version under {model_root}')
+
+
+def newest_valid_version(model_root: str) -> int:
+  """The newest version that validates; raises FileNotFoundError if none."""
+  return _newest_valid(model_root, lambda v, r: logging.warning(
+      'Model version %d rejected: %s', v, r)).version
+
+
+class VersionedModel:
+  """The model version in service, swapped when a newer valid one appears.
+
+  Thread-safe; shared by the RunInference threads of a worker process.
+  """
+
+  def __init__(self, model_root: str, poll_secs: float):
+    self._root = model_root
+    self._poll_secs = poll_secs
+    self._lock = threading.Lock()
+    self._rejected: dict[int, tuple] = {}
+    self._events: list[tuple[str, int]] = []
+    self._current = _newest_valid(model_root, self._note_rejection)
+    # A daemon thread watches the root, whether or not events flow, so a new
+    # version is loaded and validated before the first batch needs it.
+    # It holds only a weak reference, so it ends when RunInference releases
+    # this model.
+    threading.Thread(target=VersionedModel._watch,
+                     args=(weakref.ref(self), poll_secs),
+                     name='model-version-watch', daemon=True).start()
+
+  def _note_rejection(self, version: int, reason: str):
+    """Remembers a bad version (until its files change) and counts it."""
+    self._rejected[version] = _fingerprint(
+        os.path.join(self._root, str(version)))
+    with self._lock:
+      self._events.append(('rejected', version))
+    logging.error('Model version %d rejected: %s', version, reason)
+
+  def current(self) -> LoadedModel:
+    """The model to score the next batch with."""
+    with self._lock:
+      return self._current
+
+  @staticmethod
+  def _watch(ref: 'weakref.ref[VersionedModel]', poll_secs: float):
+    while True:
+      time.sleep(poll_secs)
+      model = ref()
+      if model is None:
+        return
+      model._check()  # pylint: disable=protected-access
+      del model
+
+  def drain_events(self) -> list[tuple[str, int]]:
+    """('accepted' | 'rejected', version) since the last call (for metrics)."""
+    with self._lock:
+      events, self._events = self._events, []
+      return events
+
+  def _check(self):
+    try:
+      for version in reversed(export.list_versions(self._root)):
+        if version <= self._current.version:
+          return
+        path = os.path.join(self._root, str(version))
+        if self._rejected.get(version) == _fingerprint(path):
+          continue
+        model, reason = load_validated(path)
+        if model is None:
+          self._note_rejection(version, f'{reason} (still serving '
+                               f'{self._current.version})')
+          continue
+        with self._lock:
+          previous, self._current = self._current.version, model
+          self._events.append(('accepted', version))
+        logging.info('Model version %d now serving (was %d)', version, previous)
+        return
+    except Exception:  # pylint: disable=broad-except
+      logging.exception('Looking for a new model version failed; will retry')
+
+
+class RawFeaturesModelHandler(ModelHandler[Record, PredictionResult,
+                                           VersionedModel]):
+  """RunInference handler for the raw-feature SavedModel of ``models.export``.
+
+  Args:
+    model_root: directory of ``<integer>/`` versions; the newest valid one
+      serves, newer ones are swapped in as they appear (see module doc).
+    poll_secs: how often to look for a new version.
+    min_batch_size, max_batch_size, max_batch_duration_secs: RunInference
+      batching. In streaming, ``max_batch_duration_secs`` bounds how long an
+      element may wait for its batch to fill, which bounds added latency.
+  """
+
+  def __init__(self, model_root: str, poll_secs: float = 5.0,
+               min_batch_size: int = 1, max_batch_size: int = 256,
+               max_batch_duration_secs: Optional[float] = None):
+    super().__init__()
+    self._model_root = model_root
+    self._poll_secs = poll_secs
+    self._batching_kwargs = {'min_batch_size': min_batch_size,
+                             'max_batch_size': max_batch_size}
+    if max_batch_duration_secs is not None:
+      self._batching_kwargs['max_batch_duration_secs'] = (
+          max_batch_duration_secs)
+    self._accepted = Metrics.counter(METRICS_NAMESPACE,
+                                     'model_versions_accepted')
+    self._rejected = Metrics.counter(METRICS_NAMESPACE,
+                                     'model_versions_rejected')
+    self._version = Metrics.gauge(METRICS_NAMESPACE, 'model_version_in_use')
+
+  def load_model(self) -> VersionedModel:
+    return VersionedModel(self._model_root, self._poll_secs)
+
+  def run_inference(self, batch: Sequence[Record], model: VersionedModel,
+                    inference_args: Optional[dict[str, Any]] = None
+                    ) -> Iterable[PredictionResult]:
+    loaded = model.current()
+    for event, _ in model.drain_events():
+      (self._accepted if event == 'accepted' else self._rejected).inc()
+    self._version.set(loaded.version)
+    outputs = predict(loaded, batch)
+    model_id = str(loaded.version)
+    return [
+        PredictionResult(
+            record,
+            {export.PROBABILITY: float(outputs[export.PROBABILITY][i]),
+             export.CLASS: int(outputs[export.CLASS][i])},
+            model_id)
+        for i, record in enumerate(batch)]
+
+  def get_num_bytes(self, batch: Sequence[Record]) -> int:
+    return sum(len(r.values) * 8 for r in batch)
+
+  def get_metrics_namespace(self) -> str:
+    return METRICS_NAMESPACE

@@ -1,0 +1,275 @@
+"""Streaming inference: Kafka events → RunInference → Kafka predictions.
+
+Raw JSON trip events are read with the project's Kafka source (event time from
+``trip_start_timestamp``), parsed and validated by the same
+``transforms.records`` code as training, and scored by Beam RunInference with
+the exported SavedModel, whose signature takes raw features and runs the
+tf.Transform graph inside. One prediction per event goes to the output topic,
+stamped with the model version. Invalid events and failed inferences go to the
+dead-letter topic with reasons; nothing is dropped.
+
+New model versions are picked up without a restart: the pipeline watches
+``--model_dir`` for ``<integer>/`` version directories, validates each new one
+and swaps it in through RunInference's model side input (see
+``models.serving``).
+
+Run it locally (DirectRunner), or unchanged on another runner by flags::
+
+    python -m pipelines.serve --bootstrap_servers 127.0.0.1:9092 \\
+        --input_topic trips --output_topic predictions \\
+        --dead_letter_topic trips-dlq --model_dir out/model
+    python -m pipelines.serve ... --runner prism
+    python -m pipelines.serve ... --runner flink --flink_master HOST:8081
+
+Each prediction record (JSON, Kafka key = event id)::
+
+    {"event_id": "taxi_trips-17", "event_time": "2013-05-16T19:45:00Z",
+     "event_time_ms": 1368733500000, "probability": 0.91, "class": 1,
+     "model_version": 3, "label": 1,          # label: when the event has tips
+     "source": {"topic": "trips", "partition": 0, "offset": 16,
+                "timestamp_ms": 1368733500000},
+     "ingest_ms": 1795290000123, "predicted_ms": 1795290000131}
+
+``ingest_ms`` is when the source handed the event to the pipeline and
+``predicted_ms`` when its prediction was ready (wall clock); the Kafka
+timestamp of the prediction record is when it was produced.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import sys
+import time
+from typing import Any, Iterable, NamedTuple, Optional
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from apache_beam.ml.inference.base import KeyedModelHandler
+from apache_beam.ml.inference.base import PredictionResult
+from apache_beam.ml.inference.base import RunInference
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import StandardOptions
+
+from models import export
+from models import serving
+from runners import options as runner_options
+from transforms import features as F
+from transforms import kafka_io
+from transforms.records import Record
+
+METRICS_NAMESPACE = serving.METRICS_NAMESPACE
+
+
+class ServeOptions(PipelineOptions):
+
+  @classmethod
+  def _add_argparse_args(cls, parser):
+    # --bootstrap_servers is Beam's own flag: see kafka_io.bootstrap_servers.
+    parser.add_argument('--input_topic', default='trips')
+    parser.add_argument('--output_topic', default='predictions')
+    parser.add_argument('--dead_letter_topic', default='trips-dlq')
+    parser.add_argument('--model_dir',
+                        help='Directory of <integer>/ SavedModel versions.')
+    parser.add_argument('--group_id', default='rtml-serve',
+                        help='Kafka consumer group (offsets are committed).')
+    parser.add_argument('--start', choices=['earliest', 'latest'],
+                        default='earliest',
+                        help='Where to start without a committed offset.')
+    parser.add_argument('--model_poll_secs', type=float, default=5.0,
+                        help='How often to look for a new model version.')
+    parser.add_argument('--min_batch_size', type=int, default=1)
+    parser.add_argument('--max_batch_size', type=int, default=256)
+    parser.add_argument('--max_batch_duration_secs', type=float, default=None,
+                        help='Longest an event waits for its batch to fill.')
+    parser.add_argument('--max_out_of_orderness_secs', type=float,
+                        default=3600.0,
+                        help='Watermark = max event time seen minus this.')
+    parser.add_argument('--consumer_config', type=json.loads, default={},
+                        help='JSON of extra kafka-python consumer settings '
+                        '(security_protocol, sasl_*, ssl_*...).')
+    parser.add_argument('--producer_config', type=json.loads, default={},
+                        help='JSON of extra kafka-python producer settings.')
+    parser.add_argument('--run_seconds', type=float, default=None,
+                        help='Stop after this long (demos); default: forever.')
+
+
+class EventContext(NamedTuple):
+  """What a prediction needs to know about its event besides the features."""
+  event_id: str
+  topic: str
+  partition: int
+  offset: int
+  timestamp_ms: int
+  ingest_ms: int
+
+
+def attach_context(element: tuple[kafka_io.KafkaRecord, Record]
+                   ) -> tuple[EventContext, Record]:
+  source, record = element
+  event_id = (source.key.decode('utf-8', errors='replace')
+              if source.key is not None
+              else f'{source.topic}-{source.partition}-{source.offset}')
+  return EventContext(event_id, source.topic, source.partition, source.offset,
+                      source.timestamp_ms, int(time.time() * 1000)), record
+
+
+def prediction_record(context: EventContext,
+                      result: PredictionResult) -> dict[str, Any]:
+  """The JSON prediction written to the output topic (see module doc)."""
+  values = result.example.values
+  event_seconds = values[F.EVENT_TIME_KEY]
+  label = None
+  if F.LABEL_KEY in values:
+    label = int(F.is_big_tipper(values[F.LABEL_KEY], values[F.FARE_KEY]))
+  return {
+      'event_id': context.event_id,
+      'event_time': datetime.datetime.fromtimestamp(
+          event_seconds, datetime.timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ'),
+      'event_time_ms': event_seconds * 1000,
+      'probability': result.inference[export.PROBABILITY],
+      'class': result.inference[export.CLASS],
+      'model_version': int(result.model_id),
+      'label': label,
+      'source': {'topic': context.topic, 'partition': context.partition,
+                 'offset': context.offset,
+                 'timestamp_ms': context.timestamp_ms},
+      'ingest_ms': context.ingest_ms,
+      'predicted_ms': int(time.time() * 1000),
+  }
+
+
+class FormatPrediction(beam.DoFn):
+
+  def __init__(self):
+    self._predictions = Metrics.counter(METRICS_NAMESPACE, 'predictions')
+    self._latency = Metrics.distribution(METRICS_NAMESPACE,
+                                         'ingest_to_prediction_ms')
+
+  def process(self, element):
+    context, result = element
+    prediction = prediction_record(context, result)
+    self._predictions.inc()
+    self._latency.update(prediction['predicted_ms'] - context.ingest_ms)
+    yield context.event_id, prediction
+
+
+class InferenceDeadLetters(beam.DoFn):
+  """(failed batch, exception) → one dead letter per event of the batch."""
+
+  def __init__(self):
+    self._failed = Metrics.counter(METRICS_NAMESPACE, 'inference_failures')
+
+  def process(self, element):
+    batch, exception = element
+    for context, record in batch:
+      self._failed.inc()
+      yield context.event_id, {
+          'topic': context.topic, 'partition': context.partition,
+          'offset': context.offset, 'timestamp_ms': context.timestamp_ms,
+          'key': context.event_id, 'value': json.dumps(record.values),
+          'errors': [{'field': '*', 'value': None,
+                      'reason': f'inference failed: '
+                                f'{type(exception).__name__}: {exception}'}],
+          'stage': 'Predict',
+      }
+
+
+class Predict(beam.PTransform):
+  """(EventContext, Record) → (event id, prediction dict) and failures.
+
+  Args:
+    model_root: directory of versions; the newest valid one serves and newer
+      ones are swapped in as they appear (``models.serving``).
+    model_poll_secs: how often to look for a new version.
+  """
+
+  def __init__(self, model_root: str, model_poll_secs: float = 5.0,
+               min_batch_size: int = 1, max_batch_size: int = 256,
+               max_batch_duration_secs: Optional[float] = None):
+    super().__init__()
+    # Fail at launch, not on a worker, when nothing can be served.
+    serving.newest_valid_version(model_root)
+    self._handler = KeyedModelHandler(serving.RawFeaturesModelHandler(
+        model_root, model_poll_secs, min_batch_size, max_batch_size,
+        max_batch_duration_secs))
+
+  def expand(self, events):
+    results, failures = (
+        events
+        | 'RunInference' >> RunInference(
+            self._handler, metrics_namespace=METRICS_NAMESPACE
+        ).with_exception_handling())
+    return {
+        'predictions': results | 'FormatPrediction' >> beam.ParDo(
+            FormatPrediction()),
+        'failures': failures.failed_inferences | 'FailedToDeadLetters' >> (
+            beam.ParDo(InferenceDeadLetters())),
+    }
+
+
+def build(pipeline: beam.Pipeline, opts: ServeOptions) -> dict[str, Any]:
+  """Adds the serving job to ``pipeline``; returns its PCollections."""
+  bootstrap = kafka_io.bootstrap_servers(opts)
+  events = (
+      pipeline
+      | 'ReadEvents' >> kafka_io.ReadFromKafka(
+          bootstrap, opts.input_topic, group_id=opts.group_id,
+          auto_offset_reset=opts.start, event_time=F.EVENT_TIME_KEY,
+          watermark=kafka_io.WatermarkPolicy(
+              max_out_of_orderness_s=opts.max_out_of_orderness_secs),
+          consumer_config=opts.consumer_config)
+      | 'ParseEvents' >> kafka_io.DecodeEvents(with_source=True))
+  scored = (events.records
+            | 'AttachContext' >> beam.Map(attach_context)
+            | 'Predict' >> Predict(
+                opts.model_dir, opts.model_poll_secs, opts.min_batch_size,
+                opts.max_batch_size, opts.max_batch_duration_secs))
+  _ = scored['predictions'] | 'WritePredictions' >> kafka_io.WriteToKafka(
+      bootstrap, opts.output_topic,
+      producer_config=opts.producer_config, event_timestamps=False)
+  dead_letters = (
+      (events.dead_letters
+       | 'KeyDeadLetters' >> beam.Map(
+           lambda d: (f"{d['topic']}-{d['partition']}-{d['offset']}", d)),
+       scored['failures'])
+      | 'MergeDeadLetters' >> beam.Flatten())
+  _ = dead_letters | 'WriteDeadLetters' >> kafka_io.WriteToKafka(
+      bootstrap, opts.dead_letter_topic,
+      producer_config=opts.producer_config, event_timestamps=False)
+  return {'predictions': scored['predictions'], 'dead_letters': dead_letters}
+
+
+def start(argv: Optional[list[str]] = None):
+  """Builds and starts the serving job; returns without waiting."""
+  options = ServeOptions(runner_options.resolve(
+      sys.argv[1:] if argv is None else argv))
+  options.view_as(StandardOptions).streaming = True
+  opts = options.view_as(ServeOptions)
+  if not opts.model_dir:
+    raise SystemExit('pipelines.serve: --model_dir is required')
+  pipeline = beam.Pipeline(options=options)
+  build(pipeline, opts)
+  print(f'[serve] {kafka_io.bootstrap_servers(opts)} {opts.input_topic} -> {opts.output_topic} '
+        f'(dead letters: {opts.dead_letter_topic}), models from '
+        f'{opts.model_dir}', flush=True)
+  return pipeline.run()
+
+
+def run(argv: Optional[list[str]] = None):
+  """Runs the serving job until cancelled (or for ``--run_seconds``)."""
+  argv = sys.argv[1:] if argv is None else argv
+  run_seconds = ServeOptions(argv).view_as(ServeOptions).run_seconds
+  result = start(argv)
+  if run_seconds is None:
+    result.wait_until_finish()
+  else:
+    result.wait_until_finish(duration=int(run_seconds * 1000))
+    result.cancel()
+  return result
+
+
+if __name__ == '__main__':
+  logging.getLogger().setLevel(logging.INFO)
+  run()

@@ -1,0 +1,179 @@
+"""The serving pipeline against the real broker, on the embedded runner.
+
+One pipeline run, three phases:
+  1. version 1 serves held-out taxi events, and malformed events go to the
+     dead-letter topic while the pipeline keeps running;
+  2. version 2 is trained and exported while events flow: predictions switch
+     to it, none lost;
+  3. a corrupt version 3 appears: it is rejected and version 2 keeps serving.
+Then: exactly one prediction per good event, each stamped with a model
+version, equal to batch predictions of that SavedModel on the same raw rows.
+"""
+
+import json
+import os
+import threading
+import time
+import uuid
+
+import numpy as np
+import pytest
+from kafka import KafkaConsumer
+from kafka import KafkaProducer
+
+from models import export
+from models import serving
+from pipelines import replay
+from pipelines import serve
+from pipelines import train
+from runners import kafka as kafka_runner
+from transforms import records as R
+
+BAD_EVENTS = [
+    b'{"fare": 12.5, not json',                                    # bad JSON
+    b'\x00\x9f\xff garbage \xfe',                                  # binary
+    json.dumps({'fare': 'twelve'}).encode(),                       # wrong type
+    json.dumps({'payment_type': 'Cash'}).encode(),                 # missing
+    json.dumps([1, 2, 3]).encode(),                                # not object
+]
+PHASE_SIZES = (120, 100, 60)
+
+
+class _Collector:
+  """Reads a topic from its start, across phases, into ``self.items``."""
+
+  def __init__(self, bootstrap, topic):
+    self.items = []
+    self._consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap,
+                                   auto_offset_reset='earliest',
+                                   consumer_timeout_ms=500)
+
+  def until(self, expected, timeout_s):
+    deadline = time.monotonic() + timeout_s
+    while len(self.items) < expected and time.monotonic() < deadline:
+      for message in self._consumer:
+        self.items.append(json.loads(message.value))
+    return self.items
+
+  def close(self):
+    self._consumer.close()
+
+
+@pytest.fixture(scope='module')
+def scenario(tmp_path_factory, kafka_bootstrap):
+  out = str(tmp_path_factory.mktemp('serve'))
+  train.run(['--input', 'data/taxi_trips.csv', '--output_dir', out,
+             '--epochs', '1'])
+  model_root = os.path.join(out, 'model')
+  suffix = uuid.uuid4().hex[:8]
+  topics = {name: f'{name}-{suffix}'
+            for name in ('trips', 'predictions', 'dlq')}
+  kafka_runner.create_topic(kafka_bootstrap, topics['trips'], partitions=2)
+  kafka_runner.create_topic(kafka_bootstrap, topics['predictions'])
+  kafka_runner.create_topic(kafka_bootstrap, topics['dlq'])
+
+  events = replay.load_events('data/taxi_trips.csv', split='eval',
+                              limit=sum(PHASE_SIZES))
+  phases = [events[:PHASE_SIZES[0]],
+            events[PHASE_SIZES[0]:PHASE_SIZES[0] + PHASE_SIZES[1]],
+            events[PHASE_SIZES[0] + PHASE_SIZES[1]:]]
+  result = serve.start([
+      '--bootstrap_servers', kafka_bootstrap,
+      '--input_topic', topics['trips'],
+      '--output_topic', topics['predictions'],
+      '--dead_letter_topic', topics['dlq'],
+      '--model_dir', model_root, '--model_poll_secs', '0.5',
+      '--group_id', f'serve-{suffix}', '--runner', 'prism', '--prism_location', os.path.expanduser('~/.cache/rtml/prism/v2.77.0/prism'), '--environment_type', 'LOOPBACK'])
+  predictions = _Collector(kafka_bootstrap, topics['predictions'])
+  dead_letters = _Collector(kafka_bootstrap, topics['dlq'])
+  try:
+    # Phase 1: version 1, with malformed events in the middle.
+    half = len(phases[0]) // 2
+    replay.replay(phases[0][:half], topics['trips'], kafka_bootstrap)
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
+    for i, value in enumerate(BAD_EVENTS):
+      producer.send(topics['trips'], key=f'bad-{i}'.encode(), value=value)
+    producer.flush()
+    producer.close()
+    replay.replay(phases[0][half:], topics['trips'], kafka_bootstrap)
+    predictions.until(PHASE_SIZES[0], 180)
+    dead_letters.until(len(BAD_EVENTS), 60)
+
+    # Phase 2: export version 2 while events keep flowing.
+    # ~17 s of events: longer than training + exporting version 2.
+    flowing = threading.Thread(target=replay.replay, args=(
+        phases[1], topics['trips'], kafka_bootstrap), kwargs={'rate': 6})
+    flowing.start()
+    _, _ = train.train_and_export(out, epochs=1, verbose=0)
+    flowing.join()
+    predictions.until(sum(PHASE_SIZES[:2]), 120)
+
+    # Phase 3: a corrupt version 3; version 2 must keep serving.
+    corrupt = os.path.join(model_root, '3')
+    os.makedirs(os.path.join(corrupt, 'variables'))
+    with open(os.path.join(corrupt, 'saved_model.pb'), 'wb') as f:
+      f.write(b'this is not a SavedModel')
+    time.sleep(3)  # several polls: the watcher sees and rejects it
+    replay.replay(phases[2], topics['trips'], kafka_bootstrap)
+    predictions.until(sum(PHASE_SIZES), 120)
+    # Anything more would be a duplicate or a stray: give it a moment.
+    predictions.until(sum(PHASE_SIZES) + 1, 3)
+  finally:
+    result.cancel()
+    predictions.close()
+    dead_letters.close()
+  return {'model_root': model_root, 'phases': phases,
+          'predictions': predictions.items,
+          'dead_letters': dead_letters.items}
+
+
+def test_exactly_one_prediction_per_event_with_a_model_version(scenario):
+  sent = [eid for phase in scenario['phases'] for eid, _ in phase]
+  got = [p['event_id'] for p in scenario['predictions']]
+  assert len(got) == len(sent)
+  assert sorted(got) == sorted(sent)
+  for p in scenario['predictions']:
+    assert p['model_version'] in (1, 2)
+    assert 0.0 <= p['probability'] <= 1.0
+    assert p['class'] == int(p['probability'] > 0.5)
+    assert p['label'] in (0, 1)  # held-out events carry tips
+    assert p['ingest_ms'] <= p['predicted_ms']
+
+
+def test_bad_events_are_dead_lettered_with_reasons(scenario):
+  dead = scenario['dead_letters']
+  assert len(dead) == len(BAD_EVENTS)
+  assert sorted(d['key'] for d in dead) == sorted(
+      f'bad-{i}' for i in range(len(BAD_EVENTS)))
+  for d in dead:
+    assert d['errors'] and all(e['reason'] for e in d['errors'])
+    assert d['value_base64']  # the original bytes are kept
+  reasons = {d['key']: d['errors'][0]['reason'] for d in dead}
+  assert reasons['bad-0'].startswith('not JSON')
+  assert reasons['bad-4'] == 'expected an object'
+
+
+def test_hot_swap_to_v2_and_corrupt_v3_rejected(scenario):
+  by_id = {p['event_id']: p['model_version'] for p in scenario['predictions']}
+  phase1, phase2, phase3 = scenario['phases']
+  assert {by_id[eid] for eid, _ in phase1} == {1}
+  # The switch happened while events were flowing.
+  assert {by_id[eid] for eid, _ in phase2} == {1, 2}
+  assert {by_id[eid] for eid, _ in phase3} == {2}
+  assert export.list_versions(scenario['model_root']) == [1, 2, 3]
+  assert serving.newest_valid_version(scenario['model_root']) == 2
+
+
+def test_streaming_predictions_equal_batch_predictions(scenario):
+  events = {eid: e for phase in scenario['phases'] for eid, e in phase}
+  for version in (1, 2):
+    served = [p for p in scenario['predictions']
+              if p['model_version'] == version]
+    assert served, f'no prediction from version {version}'
+    model = serving.load(os.path.join(scenario['model_root'], str(version)))
+    batch = serving.predict(
+        model, [R.parse_json(events[p['event_id']]) for p in served])
+    np.testing.assert_allclose(
+        [p['probability'] for p in served], batch[export.PROBABILITY],
+        atol=1e-6)
+
