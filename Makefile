@@ -12,7 +12,17 @@ PYTEST_ARGS ?=
 # TensorFlow's C++ start-up chatter hides the progress lines.
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install demo test train kafka-up kafka-down clean bench
+.PHONY: install demo test train prism kafka-up kafka-down flink-up flink-down \
+        flink-status flink-check bench dataflow-dry-run dataflow-image \
+        dataflow-template dataflow-run clean
+
+BEAM_VERSION := $(shell sed -n "s/^BEAM_VERSION = '\(.*\)'/\1/p" setup.py)
+GCP_PROJECT ?=
+GCP_REGION ?= us-central1
+GCS_BUCKET ?=
+KAFKA ?= 10.0.0.2:9092
+IMAGE ?= $(GCP_REGION)-docker.pkg.dev/$(GCP_PROJECT)/rtml/rtml:$(BEAM_VERSION)
+TEMPLATE ?= gs://$(GCS_BUCKET)/templates/rtml-serve.json
 
 install: $(STAMP)
 
@@ -23,13 +33,18 @@ $(STAMP): setup.py
 	$(PY) -m pip install --progress-bar on -e '.[test,report,bench]'
 	@rm -f $(VENV)/.installed-* && touch $@
 
-demo: install
+# Prism (Beam's Go runner, the embedded streaming default) is built once from
+# Beam's Go module at the pinned version and cached under ~/.cache/rtml.
+prism: install
+	$(PY) -m runners.prism
+
+demo: install prism
 	$(PY) -m runners.demo --work_dir $(DEMO_DIR)
 
 train: install
 	$(PY) -m pipelines.train --input 'data/taxi_trips.csv' --output_dir $(RUN_DIR)/train
 
-test: install
+test: install prism
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 kafka-up: install
@@ -38,8 +53,42 @@ kafka-up: install
 kafka-down: install
 	$(PY) -m runners.kafka down
 
-bench: install
+flink-up: install
+	$(PY) -m runners.flink up
+flink-down: install
+	$(PY) -m runners.flink down
+flink-status: install
+	$(PY) -m runners.flink status
+flink-check: install
+	$(PY) -m runners.flink check
+
+bench: install prism
 	$(PY) benchmarks/train_bench.py
+	$(PY) benchmarks/kafka_io_bench.py
+	$(PY) benchmarks/serve_bench.py
+	$(PY) benchmarks/runners_bench.py
+
+# Dataflow: the job graph offline (no credentials), then the flex template.
+dataflow-dry-run: install
+	$(PY) -m pipelines.analytics --runner dataflow \
+	  --project $(or $(GCP_PROJECT),rtml-dry-run) --region $(GCP_REGION) \
+	  --temp_location gs://$(or $(GCS_BUCKET),rtml-dry-run)/tmp \
+	  --job_name rtml-analytics --dry_run
+dataflow-image:
+	gcloud builds submit . --config runners/dataflow/cloudbuild.yaml \
+	  --substitutions _IMAGE=$(IMAGE),_BEAM_VERSION=$(BEAM_VERSION) \
+	  --project $(GCP_PROJECT)
+dataflow-template: dataflow-image
+	gcloud dataflow flex-template build $(TEMPLATE) --image $(IMAGE) \
+	  --sdk-language PYTHON --metadata-file runners/dataflow/metadata.json \
+	  --project $(GCP_PROJECT)
+dataflow-run:
+	gcloud dataflow flex-template run "rtml-serve-$$(date +%Y%m%d-%H%M%S)" \
+	  --template-file-gcs-location $(TEMPLATE) --region $(GCP_REGION) \
+	  --project $(GCP_PROJECT) --staging-location gs://$(GCS_BUCKET)/staging \
+	  --temp-location gs://$(GCS_BUCKET)/tmp \
+	  --parameters bootstrap_servers=$(KAFKA),model_dir=gs://$(GCS_BUCKET)/rtml/model \
+	  --parameters sdk_container_image=$(IMAGE)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

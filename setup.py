@@ -33,7 +33,8 @@ setuptools.setup(
     python_requires='>=3.10,<3.13',
     packages=setuptools.find_packages(
         include=['pipelines*', 'transforms*', 'models*', 'runners*']),
-    package_data={'runners': ['*/pom.xml', '*/*.properties']},
+    package_data={'runners': ['*/pom.xml', '*/*.properties', '*/*.java',
+                             'dataflow/*']},
     install_requires=REQUIRED,
     extras_require=EXTRAS,
 )

@@ -259,13 +259,15 @@ def write_files(outputs: dict[str, Any], dead_letters, path: str) -> None:
 
 def run(argv: Optional[list[str]] = None):
   """Builds and runs the analytics job; returns the PipelineResult."""
-  argv = runner_options.resolve(sys.argv[1:] if argv is None else argv)
-  options = PipelineOptions(argv)
+  argv = sys.argv[1:] if argv is None else argv
+  given = PipelineOptions(argv).view_as(AnalyticsOptions)
+  streaming = not given.input_csv and not given.bounded
+  options = PipelineOptions(runner_options.resolve(argv, streaming=streaming))
   opts = options.view_as(AnalyticsOptions)
   config = window_config(opts)
   training_stats = (feature_stats.read_stats(opts.training_stats)
                     if opts.training_stats else None)
-  if not opts.input_csv and not opts.bounded:
+  if streaming:
     options.view_as(StandardOptions).streaming = True
   if opts.output_path and not (opts.input_csv or opts.bounded):
     raise SystemExit('pipelines.analytics: --output_path needs a bounded '

@@ -1,0 +1,224 @@
+"""Turns a short ``--runner`` flag into complete Beam options.
+
+Every pipeline's ``run(argv)`` passes its argv through ``resolve`` before
+building its ``PipelineOptions``, so the runner (and everything it needs:
+staged binaries, jars, environment type) comes from flags only and no
+pipeline names a runner in code. A flag the user gave is never overridden;
+``resolve`` only adds what is missing.
+
+==========  ==============================================================
+``--runner``  what ``resolve`` adds (unless already given)
+==========  ==============================================================
+direct      ``--runner=DirectRunner`` and nothing else (Beam's own local
+            runner; in Beam 2.77 it tries Prism first and falls back to the
+            Python engine when Prism cannot be fetched or does not support a
+            transform)
+prism       ``--runner=PrismRunner --prism_location=<cached binary>
+            --environment_type=LOOPBACK``; the binary is built once with
+            ``go install`` at the Beam pin (``runners.prism``)
+flink       ``--runner=FlinkRunner --flink_version=<pinned>
+            --flink_master=[local] --environment_type=LOOPBACK
+            --flink_job_server_jar=<cached jar>``
+            (``runners.flink``); for a cluster give ``--flink_master=HOST:PORT``
+            (``python -m runners.flink up`` prints one). LOOPBACK runs the
+            Python workers inside the submitting process, which the task
+            managers must be able to reach (same machine or network); for
+            remote clusters use ``--environment_type=PROCESS
+            --environment_config='{"command": "/opt/apache/beam/boot"}'`` with
+            Beam's ``boot`` and this package installed on every task manager.
+dataflow    ``--runner=DataflowRunner --setup_file=<repo>/setup.py`` (not with
+            ``--sdk_container_image``: our image has the package); requires
+            ``--project``, ``--region`` and a ``gs://`` ``--temp_location``.
+            With ``--dry_run`` the job is built offline (no credentials, no
+            API call) and written to ``--dataflow_job_file`` (default
+            ``~/.cache/rtml/run/dataflow/<job_name>.json``) by
+            ``runners.dataflow.OfflineDataflowRunner``.
+==========  ==============================================================
+
+Any other value (``PrismRunner``, ``BundleBasedDirectRunner``, a dotted class
+path...) is passed through unchanged.
+
+Without ``--runner`` a batch job gets Beam's default (the DirectRunner) and a
+streaming job (``streaming=True``: serving, analytics on Kafka) gets
+``EMBEDDED_STREAMING_RUNNER``, Prism. Why not the DirectRunner for streaming:
+in Beam 2.77 it runs any pipeline without a TestStream, Pub/Sub or real-time
+timer on its *batch* engine (FnApiRunner), even with ``--streaming``, so an
+unbounded Kafka read never advances watermarks between bundles and a job with
+an unbounded side input never starts; the BundleBasedDirectRunner cannot
+expand our splittable DoFns ("was not replaced as expected"). Prism runs them
+with real watermarks and was 1.7-1.9x faster at volume
+(``benchmarks/runners_bench.py``).
+
+Example::
+
+    python -m pipelines.analytics --runner prism ...
+    python -m pipelines.serve --runner flink --flink_master 127.0.0.1:8081 ...
+    python -m pipelines.serve --runner dataflow --project P --region R \\
+        --temp_location gs://B/tmp --dry_run
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+from runners.tools import REPO_ROOT, RUN_DIR, RunnerSetupError
+
+ALIASES = ('direct', 'prism', 'flink', 'dataflow')
+EMBEDDED_STREAMING_RUNNER = 'prism'
+OFFLINE_DATAFLOW_RUNNER = 'runners.dataflow.OfflineDataflowRunner'
+# Beam's check for a GCS path (PipelineOptionsValidator.GCS_URI/GCS_BUCKET).
+_GCS_PATH = re.compile(r'^gs://[a-z0-9][-_a-z0-9.]+[a-z0-9](/.*)?$')
+_FALSE = ('', '0', 'false', 'no', 'off')
+
+
+class RunnerOptionsError(ValueError):
+  """The flags given cannot work with the chosen runner."""
+
+
+def resolve(argv: list[str] | None, streaming: bool = False) -> list[str]:
+  """Returns argv completed with the options the chosen runner needs.
+
+  Args:
+    argv: command-line flags, as given to a pipeline's ``run(argv)``.
+    streaming: the job is a streaming one; without ``--runner`` it then runs
+      on ``EMBEDDED_STREAMING_RUNNER`` (see module docstring).
+
+  Returns:
+    A new list: ``argv`` with ``--runner`` replaced by Beam's runner name and
+    the runner's missing flags appended.
+
+  Raises:
+    RunnerOptionsError: required flags are missing or inconsistent.
+    RunnerSetupError: a tool (Go, Java, Maven) or artifact is missing.
+  """
+  argv = _normalize(list(argv or []))
+  runner = get_flag(argv, 'runner')
+  if runner is None and streaming:
+    runner = EMBEDDED_STREAMING_RUNNER
+    argv = set_flag(argv, 'runner', runner)
+  if runner is None or runner.lower() not in ALIASES:
+    return argv
+  completer: Callable[[list[str]], list[str]] = {
+      'direct': _direct, 'prism': _prism, 'flink': _flink,
+      'dataflow': _dataflow}[runner.lower()]
+  return completer(argv)
+
+
+def _direct(argv: list[str]) -> list[str]:
+  return set_flag(argv, 'runner', 'DirectRunner')
+
+
+def _prism(argv: list[str]) -> list[str]:
+  argv = set_flag(argv, 'runner', 'PrismRunner')
+  if not has_flag(argv, 'prism_location'):
+    from runners import prism
+    argv = set_flag(argv, 'prism_location', prism.ensure_binary())
+  # Python workers in this process: no Docker, no worker start-up cost.
+  return set_default(argv, 'environment_type', 'LOOPBACK')
+
+
+def _flink(argv: list[str]) -> list[str]:
+  from runners import flink
+  argv = set_flag(argv, 'runner', 'FlinkRunner')
+  argv = set_default(argv, 'flink_version', flink.versions().flink_minor)
+  argv = set_default(argv, 'flink_master', '[local]')
+  argv = set_default(argv, 'environment_type', 'LOOPBACK')
+  if not has_flag(argv, 'flink_job_server_jar'):
+    jar = flink.ensure_job_server_jar(get_flag(argv, 'flink_version'))
+    argv = set_flag(argv, 'flink_job_server_jar', jar)
+  else:
+    from runners.tools import require_tool
+    require_tool('java', 'run the Beam Flink job server')
+  return argv
+
+
+def _dataflow(argv: list[str]) -> list[str]:
+  missing = [f'--{name}' for name in ('project', 'region', 'temp_location')
+             if not get_flag(argv, name)]
+  if missing:
+    raise RunnerOptionsError(
+        f'--runner dataflow needs {", ".join(missing)} (e.g. --project '
+        'my-project --region us-central1 --temp_location gs://my-bucket/tmp)')
+  for name in ('temp_location', 'staging_location'):
+    value = get_flag(argv, name)
+    if value is not None and not _GCS_PATH.match(value):
+      # Beam would otherwise try to create a default bucket over the network.
+      raise RunnerOptionsError(
+          f'--{name}={value} is not a gs://BUCKET/PATH location (bucket names '
+          'are 3-63 lowercase letters, digits, -, _ and .)')
+  if not has_flag(argv, 'sdk_container_image'):
+    # Workers install our packages from the sdist of setup.py. The image of
+    # runners/dataflow/Dockerfile has them installed already.
+    argv = set_default(argv, 'setup_file', str(REPO_ROOT / 'setup.py'))
+  if _truthy(get_flag(argv, 'dry_run')):
+    argv = set_flag(argv, 'runner', OFFLINE_DATAFLOW_RUNNER)
+    job_name = get_flag(argv, 'job_name') or 'job'
+    return set_default(argv, 'dataflow_job_file',
+                       str(RUN_DIR / 'dataflow' / f'{job_name}.json'))
+  return set_flag(argv, 'runner', 'DataflowRunner')
+
+
+# ---- argv helpers: `--name value` and `--name=value`, last one wins. ----
+
+
+def _normalize(argv: list[str]) -> list[str]:
+  """Gives a bare ``--dry_run`` the value Beam's parser requires."""
+  out = []
+  for i, arg in enumerate(argv):
+    nxt = argv[i + 1] if i + 1 < len(argv) else None
+    if arg == '--dry_run' and (nxt is None or nxt.startswith('--')):
+      out.append('--dry_run=True')
+    else:
+      out.append(arg)
+  return out
+
+
+def _truthy(value: str | None) -> bool:
+  return value is not None and value.strip().lower() not in _FALSE
+
+
+def _positions(argv: list[str], name: str) -> list[tuple[int, int]]:
+  """(index, how many items) of each occurrence of ``--name``."""
+  flag = f'--{name}'
+  found = []
+  for i, arg in enumerate(argv):
+    if arg == flag:
+      found.append((i, 2 if i + 1 < len(argv) else 1))
+    elif arg.startswith(flag + '='):
+      found.append((i, 1))
+  return found
+
+
+def has_flag(argv: list[str], name: str) -> bool:
+  """Whether ``--name`` is in argv (with any value)."""
+  return bool(_positions(argv, name))
+
+
+def get_flag(argv: list[str], name: str) -> str | None:
+  """The value of the last ``--name`` in argv, or None."""
+  found = _positions(argv, name)
+  if not found:
+    return None
+  i, n = found[-1]
+  if n == 2:
+    return argv[i + 1]
+  return argv[i].split('=', 1)[1] if '=' in argv[i] else None
+
+
+def set_flag(argv: list[str], name: str, value: str) -> list[str]:
+  """argv with every ``--name`` removed and ``--name=value`` appended."""
+  drop = set()
+  for i, n in _positions(argv, name):
+    drop.update(range(i, i + n))
+  return [a for j, a in enumerate(argv) if j not in drop] + [
+      f'--{name}={value}']
+
+
+def set_default(argv: list[str], name: str, value: str) -> list[str]:
+  """argv with ``--name=value`` appended unless ``--name`` is already set."""
+  return argv if has_flag(argv, name) else argv + [f'--{name}={value}']
+
+
+__all__ = ['resolve', 'RunnerOptionsError', 'RunnerSetupError', 'get_flag',
+           'has_flag', 'set_flag', 'set_default']
