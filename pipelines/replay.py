@@ -1,0 +1,233 @@
+"""Replays taxi trips from a CSV file into Kafka as JSON events.
+
+A plain producer program (not a Beam pipeline): each CSV row becomes the JSON
+event ``records.csv_row_to_event`` defines, plus an ``event_id``
+(``<file stem>-<line number>``, stable across replays) that is also the Kafka
+key. The Kafka timestamp is the trip's event time (``trip_start_timestamp``,
+in ms), so consumers can use either as event time. Rows are sent as they are
+- a bad row stays bad and becomes a dead letter in the consumer.
+
+Run (brokers: the flag, else $KAFKA_BOOTSTRAP_SERVERS, else the broker of
+``make kafka-up``)::
+
+    python -m pipelines.replay --input data/taxi_trips.csv --topic trips \\
+        --bootstrap_servers 127.0.0.1:9092 --rate 500 --order event_time
+    python -m pipelines.replay --input data/taxi_trips.csv --topic trips-eval \\
+        --split eval --eval_percent 20 --limit 1000
+
+A missing topic is created (``--partitions``) with ``retention.ms=-1``:
+Kafka's time retention compares record timestamps with the wall clock, so
+historical trips would otherwise be deleted within minutes.
+
+From Python (tests, notebooks)::
+
+    from pipelines import replay
+    events = replay.load_events('data/taxi_trips.csv', limit=100)
+    replay.replay(events, 'trips', '127.0.0.1:9092', rate=None)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+from typing import Any, Iterable, Mapping, Optional, Sequence, TextIO
+
+from transforms import records
+from transforms.features import EVENT_TIME_KEY
+
+EVENT_ID_KEY = 'event_id'
+
+
+def event_id(path: str, line_number: int) -> str:
+  """Stable id of a CSV row: ``<file stem>-<line number>`` (header = 1)."""
+  return f'{pathlib.Path(path).stem}-{line_number}'
+
+
+def event_time_ms(event: Mapping[str, Any]) -> Optional[int]:
+  """The Kafka timestamp of an event: its event time in ms, if valid."""
+  seconds = event.get(EVENT_TIME_KEY)
+  if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+    return None
+  if not math.isfinite(seconds) or seconds < 0:
+    return None
+  return int(round(seconds * 1000))
+
+
+def load_events(path: str, order: str = 'file', limit: Optional[int] = None,
+                split: str = 'all',
+                eval_percent: int = 20) -> list[tuple[str, dict[str, Any]]]:
+  """CSV rows as ``(event_id, event)`` pairs, ready to replay.
+
+  Args:
+    path: a CSV file with the feature columns (``data/taxi_trips.csv``).
+    order: 'file' (row order) or 'event_time' (by trip start; rows without a
+      valid event time last, in file order).
+    limit: keep the first N events after splitting and ordering.
+    split: 'all', 'train' or 'eval': the same deterministic split as the
+      training pipeline (``records.is_eval`` on ``records.record_key``).
+    eval_percent: percentage of rows in the eval split.
+  """
+  if order not in ('file', 'event_time'):
+    raise ValueError(f'order must be file or event_time, got {order!r}')
+  if split not in ('all', 'train', 'eval'):
+    raise ValueError(f'split must be all, train or eval, got {split!r}')
+  events = []
+  for line_number, row in enumerate(records.read_csv(path), start=2):
+    if split != 'all':
+      in_eval = records.is_eval(records.record_key(row), eval_percent)
+      if in_eval != (split == 'eval'):
+        continue
+    eid = event_id(path, line_number)
+    event = records.csv_row_to_event(row)
+    event[EVENT_ID_KEY] = eid
+    events.append((eid, event))
+  if order == 'event_time':
+    def by_time(item):
+      ms = event_time_ms(item[1])
+      return (ms is None, ms or 0)
+    events.sort(key=by_time)  # stable: file order within equal times
+  return events[:limit] if limit is not None else events
+
+
+class _Progress:
+  """One stderr line per second: sent/total and events/s."""
+
+  def __init__(self, total: int, stream: Optional[TextIO]):
+    self._total = total
+    self._stream = stream
+    self._start = self._last = time.monotonic()
+    self._tty = bool(stream) and stream.isatty()
+
+  def update(self, sent: int, force: bool = False) -> None:
+    now = time.monotonic()
+    if self._stream is None or (not force and now - self._last < 1.0):
+      return
+    self._last = now
+    rate = sent / max(now - self._start, 1e-9)
+    width = 30
+    done = int(width * sent / self._total) if self._total else width
+    line = (f'[replay] [{"#" * done}{"." * (width - done)}] '
+            f'{sent}/{self._total} events, {rate:,.0f} events/s')
+    self._stream.write(('\r' + line) if self._tty else (line + '\n'))
+    self._stream.flush()
+
+  def close(self) -> None:
+    if self._stream is not None and self._tty:
+      self._stream.write('\n')
+
+
+def replay(events: Iterable[tuple[str, Mapping[str, Any]]], topic: str,
+           bootstrap_servers: str, rate: Optional[float] = None,
+           producer_config: Optional[Mapping[str, Any]] = None,
+           progress: Optional[TextIO] = None) -> int:
+  """Produces events to ``topic``; returns how many were acknowledged.
+
+  Args:
+    events: ``(event_id, event)`` pairs, e.g. from ``load_events``.
+    topic: target topic (must exist, or be auto-created by the broker).
+    bootstrap_servers: 'host:port[,host:port]'.
+    rate: events per second (paced against a schedule, so it catches up
+      after a stall); None sends as fast as the producer allows.
+    producer_config: extra kafka-python producer settings (security...).
+    progress: a stream (sys.stderr) for the progress line and summary.
+
+  Raises:
+    RuntimeError: if any event was not acknowledged by the broker.
+  """
+  from kafka import KafkaProducer
+  events = list(events)
+  config = {
+      'bootstrap_servers': bootstrap_servers,
+      'acks': 'all',
+      'enable_idempotence': True,
+      'linger_ms': 20,
+      'batch_size': 256 * 1024,
+      'client_id': 'rtml-replay',
+  }
+  config.update(producer_config or {})
+  producer = KafkaProducer(**config)
+  errors: list[BaseException] = []
+  bar = _Progress(len(events), progress)
+  start = time.monotonic()
+  try:
+    for i, (eid, event) in enumerate(events):
+      if rate:
+        ahead = start + i / rate - time.monotonic()
+        if ahead > 0:
+          time.sleep(ahead)
+      producer.send(
+          topic, key=eid.encode('utf-8'),
+          value=json.dumps(event, separators=(',', ':')).encode('utf-8'),
+          timestamp_ms=event_time_ms(event)).add_errback(errors.append)
+      bar.update(i + 1)
+    producer.flush()
+  finally:
+    producer.close()
+  elapsed = time.monotonic() - start
+  bar.update(len(events), force=True)
+  bar.close()
+  if errors:
+    raise RuntimeError(f'{len(errors)} of {len(events)} events were not '
+                       f'acknowledged; first error: {errors[0]!r}')
+  if progress is not None:
+    progress.write(f'[replay] {len(events)} events to {topic!r} in '
+                   f'{elapsed:.1f}s: {len(events) / max(elapsed, 1e-9):,.0f} '
+                   'events/s\n')
+  return len(events)
+
+
+def default_bootstrap_servers() -> Optional[str]:
+  """$KAFKA_BOOTSTRAP_SERVERS, else the broker started by ``make kafka-up``."""
+  if os.environ.get('KAFKA_BOOTSTRAP_SERVERS'):
+    return os.environ['KAFKA_BOOTSTRAP_SERVERS']
+  from runners import kafka
+  state = kafka.status()
+  return state['bootstrap_servers'] if state.get('running') else None
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+      prog='python -m pipelines.replay', description=__doc__.split('\n')[0])
+  parser.add_argument('--input', required=True, help='CSV file of trips.')
+  parser.add_argument('--topic', required=True)
+  parser.add_argument('--bootstrap_servers', default=None)
+  parser.add_argument('--rate', type=float, default=None,
+                      help='Events per second (default: as fast as possible).')
+  parser.add_argument('--order', choices=['event_time', 'file'],
+                      default='file')
+  parser.add_argument('--limit', type=int, default=None)
+  parser.add_argument('--split', choices=['all', 'train', 'eval'],
+                      default='all')
+  parser.add_argument('--eval_percent', type=int, default=20)
+  parser.add_argument('--partitions', type=int, default=4,
+                      help='Partitions of the topic if it must be created.')
+  parser.add_argument('--producer_config', type=json.loads, default={},
+                      help='JSON of extra kafka-python producer settings.')
+  return parser.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  args = parse_args(argv)
+  bootstrap = args.bootstrap_servers or default_bootstrap_servers()
+  if not bootstrap:
+    print('pipelines.replay: no broker: pass --bootstrap_servers, set '
+          'KAFKA_BOOTSTRAP_SERVERS or run `make kafka-up`', file=sys.stderr)
+    return 2
+  from runners import kafka
+  kafka.create_topic(bootstrap, args.topic, args.partitions,
+                     config={'retention.ms': '-1'},
+                     client_config=args.producer_config)
+  events = load_events(args.input, args.order, args.limit, args.split,
+                       args.eval_percent)
+  replay(events, args.topic, bootstrap, args.rate, args.producer_config,
+         progress=sys.stderr)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,523 @@
+"""A local single-node Apache Kafka broker (KRaft) for development and tests.
+
+Nothing is installed system-wide: the broker jars are fetched by their pinned
+Maven coordinates (``runners/kafka/pom.xml``) into
+``~/.cache/rtml/kafka/<version>/libs`` once, and the broker runs as a plain
+``java`` process with its data, config and log in one directory. Only
+``java`` (17+) and ``mvn`` are needed.
+
+From the shell (state is kept in ``~/.cache/rtml/run/kafka.json``)::
+
+    python -m runners.kafka up        # prints the bootstrap servers
+    python -m runners.kafka status
+    python -m runners.kafka down
+
+From Python (tests, benchmarks)::
+
+    from runners.kafka import KafkaBroker
+    with KafkaBroker() as broker:            # free ports, temporary data dir
+      broker.create_topic('trips', partitions=4)
+      print(broker.bootstrap_servers)        # '127.0.0.1:<port>'
+
+The broker is configured for one node (replication factor 1 for the offsets
+and transaction logs) with transactions enabled, so idempotent and
+transactional producers work as on a real cluster.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+import xml.etree.ElementTree as ET
+from typing import Any, Mapping
+
+_LOGGER = logging.getLogger(__name__)
+
+POM = pathlib.Path(__file__).with_name('pom.xml')
+CACHE_ROOT = pathlib.Path(
+    os.environ.get('RTML_CACHE_DIR', '~/.cache/rtml')).expanduser()
+RUN_DIR = CACHE_ROOT / 'run'
+STATE_FILE = RUN_DIR / 'kafka.json'
+DEFAULT_DATA_DIR = RUN_DIR / 'kafka-data'
+HOST = '127.0.0.1'
+# The broker is a development service on a shared machine: keep it small.
+JVM_OPTS = ('-Xms128m', '-Xmx512m', '-XX:+UseG1GC',
+            '-XX:MaxGCPauseMillis=20', '-Djava.awt.headless=true')
+
+
+class KafkaBrokerError(RuntimeError):
+  """The local broker could not be fetched, started or stopped."""
+
+
+def kafka_version() -> str:
+  """The pinned Kafka version, read from ``pom.xml`` (its one declaration)."""
+  ns = {'m': 'http://maven.apache.org/POM/4.0.0'}
+  version = ET.parse(POM).getroot().find('m:properties/m:kafka.version', ns)
+  if version is None or not version.text:
+    raise KafkaBrokerError(f'no <kafka.version> in {POM}')
+  return version.text.strip()
+
+
+def _require(tool: str, purpose: str) -> str:
+  path = shutil.which(tool)
+  if not path:
+    raise KafkaBrokerError(
+        f'`{tool}` was not found on PATH; it is needed to {purpose}. '
+        'Install a JDK 17+ and Apache Maven (e.g. `apt-get install '
+        'openjdk-17-jdk-headless maven`), or point KAFKA_BOOTSTRAP_SERVERS '
+        'at an existing broker.')
+  return path
+
+
+def fetch_jars(version: str | None = None) -> pathlib.Path:
+  """Downloads the broker jars once and returns the directory holding them.
+
+  Maven copies the runtime dependencies of ``pom.xml`` into a temporary
+  directory that is renamed into place only when complete, so an interrupted
+  download is never mistaken for a cached one.
+  """
+  version = version or kafka_version()
+  libs = CACHE_ROOT / 'kafka' / version / 'libs'
+  if (libs / f'kafka_2.13-{version}.jar').is_file():
+    return libs
+  mvn = _require('mvn', 'download the Kafka broker jars')
+  libs.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix='libs-', dir=libs.parent))
+  _LOGGER.info('Fetching Kafka %s jars into %s', version, libs)
+  cmd = [mvn, '-q', '-B', '-f', str(POM), 'dependency:copy-dependencies',
+         f'-DoutputDirectory={tmp}', '-DincludeScope=runtime']
+  proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  if proc.returncode != 0 or not (tmp / f'kafka_2.13-{version}.jar').is_file():
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise KafkaBrokerError(
+        f'`{" ".join(cmd)}` failed ({proc.returncode}):\n'
+        f'{proc.stdout[-2000:]}{proc.stderr[-2000:]}')
+  try:
+    tmp.rename(libs)
+  except OSError:  # Another process won the race; its copy is complete.
+    shutil.rmtree(tmp, ignore_errors=True)
+  return libs
+
+
+def free_port(host: str = HOST) -> int:
+  """A TCP port that is free right now (the usual bind-to-0 trick)."""
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.bind((host, 0))
+    return s.getsockname()[1]
+
+
+def _server_properties(data_dir: pathlib.Path, port: int,
+                       controller_port: int,
+                       extra: Mapping[str, Any]) -> str:
+  props = {
+      'process.roles': 'broker,controller',
+      'node.id': 1,
+      'controller.quorum.voters': f'1@{HOST}:{controller_port}',
+      'listeners': (f'PLAINTEXT://{HOST}:{port},'
+                    f'CONTROLLER://{HOST}:{controller_port}'),
+      'advertised.listeners': f'PLAINTEXT://{HOST}:{port}',
+      'controller.listener.names': 'CONTROLLER',
+      'inter.broker.listener.name': 'PLAINTEXT',
+      'listener.security.protocol.map':
+          'CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT',
+      'log.dirs': data_dir / 'logs',
+      'num.partitions': 1,
+      # One node: internal topics cannot be replicated; few partitions keep
+      # the first consumer group / transaction fast to set up.
+      'offsets.topic.replication.factor': 1,
+      'offsets.topic.num.partitions': 4,
+      'transaction.state.log.replication.factor': 1,
+      'transaction.state.log.min.isr': 1,
+      'transaction.state.log.num.partitions': 4,
+      'group.initial.rebalance.delay.ms': 0,
+      'auto.create.topics.enable': 'true',
+      # Time retention compares record timestamps with the wall clock:
+      # replayed historical trips (2013...) would be deleted at once.
+      'log.retention.ms': -1,
+  }
+  props.update(extra)
+  return ''.join(f'{k}={v}\n' for k, v in props.items())
+
+
+_LOG4J = """\
+log4j.rootLogger=INFO, file
+log4j.appender.file=org.apache.log4j.RollingFileAppender
+log4j.appender.file.File={log}
+log4j.appender.file.MaxFileSize=20MB
+log4j.appender.file.MaxBackupIndex=2
+log4j.appender.file.layout=org.apache.log4j.PatternLayout
+log4j.appender.file.layout.ConversionPattern=[%d] %p %m (%c)%n
+log4j.logger.kafka.request.logger=WARN
+log4j.logger.kafka.controller=INFO
+log4j.logger.kafka.log.LogCleaner=INFO
+log4j.logger.state.change.logger=WARN
+log4j.logger.org.apache.kafka.controller=INFO
+"""
+
+
+def _cluster_id() -> str:
+  """A Kafka cluster id: a random UUID, URL-safe base64 without padding.
+
+  Like Kafka's ``Uuid.randomUuid``, ids starting with '-' are avoided: the
+  storage tool would read them as an option.
+  """
+  while True:
+    cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b'=').decode()
+    if not cid.startswith('-'):
+      return cid
+
+
+def _set_parent_death_signal() -> None:  # pragma: no cover - in the child
+  """Linux: the broker gets SIGTERM when the Python process that owns it dies,
+  so a killed test run leaves no orphan broker behind."""
+  try:
+    import ctypes
+    pr_set_pdeathsig = 1
+    ctypes.CDLL('libc.so.6', use_errno=True).prctl(
+        pr_set_pdeathsig, signal.SIGTERM)
+  except OSError:
+    pass
+
+
+def answers(bootstrap_servers: str, timeout_s: float = 5.0) -> bool:
+  """True if a broker at ``bootstrap_servers`` answers a metadata request."""
+  from kafka import KafkaAdminClient
+  from kafka.errors import KafkaError
+  try:
+    admin = KafkaAdminClient(
+        bootstrap_servers=bootstrap_servers,
+        request_timeout_ms=int(timeout_s * 1000),
+        bootstrap_timeout_ms=int(timeout_s * 1000),
+        client_id='rtml-broker-probe')
+  except (KafkaError, OSError, ValueError):
+    return False
+  try:
+    admin.describe_cluster()
+    return True
+  except (KafkaError, OSError, ValueError):
+    return False
+  finally:
+    admin.close()
+
+
+def _client_config(client_class: Any,
+                   config: Mapping[str, Any] | None) -> dict[str, Any]:
+  """The entries of ``config`` (e.g. security settings) a client accepts."""
+  return {k: v for k, v in (config or {}).items()
+          if k in client_class.DEFAULT_CONFIG and k != 'bootstrap_servers'}
+
+
+def create_topic(bootstrap_servers: str, name: str, partitions: int = 1,
+                 config: Mapping[str, str] | None = None,
+                 timeout_s: float = 30.0,
+                 client_config: Mapping[str, Any] | None = None) -> None:
+  """Creates a topic (replication factor 1) and waits until it has leaders.
+
+  An existing topic with that name is left as is. ``client_config`` holds
+  extra kafka-python settings (security...); keys a client does not know
+  (producer-only settings, say) are ignored.
+  """
+  from kafka import KafkaAdminClient, KafkaConsumer
+  from kafka.admin import NewTopic
+  from kafka.errors import TopicAlreadyExistsError
+  admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers,
+                           client_id='rtml-topic-admin',
+                           **_client_config(KafkaAdminClient, client_config))
+  want = partitions
+  try:
+    admin.create_topics([NewTopic(name, num_partitions=partitions,
+                                  replication_factor=1,
+                                  topic_configs=dict(config or {}))])
+  except TopicAlreadyExistsError:
+    want = 1  # whatever it has
+  finally:
+    admin.close()
+  # Metadata propagates asynchronously: wait until every partition is known.
+  consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers,
+                           enable_auto_commit=False,
+                           client_id='rtml-topic-admin',
+                           **_client_config(KafkaConsumer, client_config))
+  try:
+    deadline = time.monotonic() + timeout_s
+    while True:
+      known = consumer.partitions_for_topic(name) or set()
+      if len(known) >= want:
+        return
+      if time.monotonic() > deadline:
+        raise KafkaBrokerError(
+            f'topic {name!r} has {len(known)}/{want} partitions after '
+            f'{timeout_s}s')
+      time.sleep(0.1)
+  finally:
+    consumer.close()
+
+
+class KafkaBroker:
+  """A single-node KRaft Kafka broker in a child ``java`` process.
+
+  Args:
+    data_dir: directory for config, data and ``broker.log``; a temporary
+      directory (removed on stop) when None. An existing formatted directory
+      is reused, so topics survive a restart.
+    port: client (PLAINTEXT) port; a free one when None.
+    controller_port: KRaft controller port; a free one when None.
+    config: extra ``server.properties`` entries, overriding the defaults.
+    startup_timeout_s: how long to wait for the broker to answer.
+    tie_to_parent: stop the broker when this Python process dies (tests).
+      ``python -m runners.kafka up`` sets False so the broker outlives it.
+  """
+
+  def __init__(self, data_dir: str | os.PathLike | None = None,
+               port: int | None = None, controller_port: int | None = None,
+               config: Mapping[str, Any] | None = None,
+               startup_timeout_s: float = 90.0, tie_to_parent: bool = True):
+    self._temporary = data_dir is None
+    self.data_dir = pathlib.Path(
+        tempfile.mkdtemp(prefix='rtml-kafka-') if data_dir is None
+        else data_dir).expanduser().resolve()
+    self.port = port or free_port()
+    self.controller_port = controller_port or free_port()
+    while self.controller_port == self.port:
+      self.controller_port = free_port()
+    self._config = dict(config or {})
+    self._startup_timeout_s = startup_timeout_s
+    self._tie_to_parent = tie_to_parent
+    self._proc: subprocess.Popen | None = None
+
+  @property
+  def bootstrap_servers(self) -> str:
+    return f'{HOST}:{self.port}'
+
+  @property
+  def pid(self) -> int | None:
+    return self._proc.pid if self._proc else None
+
+  @property
+  def log_file(self) -> pathlib.Path:
+    return self.data_dir / 'broker.log'
+
+  def start(self) -> 'KafkaBroker':
+    """Fetches the jars if needed, formats storage, starts and waits."""
+    java = _require('java', 'run the Kafka broker')
+    libs = fetch_jars()
+    classpath = str(libs / '*')
+    self.data_dir.mkdir(parents=True, exist_ok=True)
+    props = self.data_dir / 'server.properties'
+    props.write_text(_server_properties(
+        self.data_dir, self.port, self.controller_port, self._config))
+    log4j = self.data_dir / 'log4j.properties'
+    log4j.write_text(_LOG4J.format(log=self.log_file))
+    log4j_opt = f'-Dlog4j.configuration=file:{log4j}'
+    if not (self.data_dir / 'logs' / 'meta.properties').exists():
+      proc = subprocess.run(
+          [java, *JVM_OPTS, log4j_opt, '-cp', classpath,
+           'kafka.tools.StorageTool', 'format', '-t', _cluster_id(),
+           '-c', str(props)],
+          capture_output=True, text=True, check=False)
+      if proc.returncode != 0:
+        raise KafkaBrokerError(
+            f'formatting {self.data_dir} failed:\n{proc.stdout}{proc.stderr}')
+    out = open(self.data_dir / 'broker.out', 'ab')  # JVM crashes, GC notes
+    try:
+      self._proc = subprocess.Popen(
+          [java, *JVM_OPTS, log4j_opt, f'-Dkafka.logs.dir={self.data_dir}',
+           '-cp', classpath, 'kafka.Kafka', str(props)],
+          stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+          cwd=self.data_dir, start_new_session=True,
+          preexec_fn=_set_parent_death_signal if self._tie_to_parent else None)
+    finally:
+      out.close()
+    try:
+      self._wait_ready()
+    except BaseException:
+      self.stop()
+      raise
+    _LOGGER.info('Kafka broker %s up (pid %d, data %s)',
+                 self.bootstrap_servers, self._proc.pid, self.data_dir)
+    return self
+
+  def _wait_ready(self) -> None:
+    deadline = time.monotonic() + self._startup_timeout_s
+    while time.monotonic() < deadline:
+      if self._proc.poll() is not None:
+        raise KafkaBrokerError(
+            f'the broker exited with code {self._proc.returncode}; last log '
+            f'lines of {self.log_file}:\n{self._log_tail()}')
+      if _port_open(self.port) and answers(self.bootstrap_servers, 2.0):
+        return
+      time.sleep(0.25)
+    raise KafkaBrokerError(
+        f'the broker did not answer on {self.bootstrap_servers} within '
+        f'{self._startup_timeout_s}s; log tail:\n{self._log_tail()}')
+
+  def _log_tail(self, lines: int = 30) -> str:
+    text = ''
+    for name in ('broker.log', 'broker.out'):
+      path = self.data_dir / name
+      if path.exists():
+        tail = path.read_text(errors='replace').splitlines(True)[-lines:]
+        text += ''.join(tail)
+    return text
+
+  def stop(self, timeout_s: float = 30.0) -> None:
+    """SIGTERM (controlled shutdown), then SIGKILL after ``timeout_s``."""
+    if self._proc is not None:
+      stop_process(self._proc.pid, timeout_s, popen=self._proc)
+      self._proc = None
+    if self._temporary:
+      shutil.rmtree(self.data_dir, ignore_errors=True)
+
+  def create_topic(self, name: str, partitions: int = 1,
+                   config: Mapping[str, str] | None = None) -> str:
+    """Creates topic ``name`` (if absent) and returns its name."""
+    create_topic(self.bootstrap_servers, name, partitions, config)
+    return name
+
+  def __enter__(self) -> 'KafkaBroker':
+    return self.start()
+
+  def __exit__(self, *exc_info) -> None:
+    self.stop()
+
+
+def _port_open(port: int, host: str = HOST) -> bool:
+  with contextlib.closing(socket.socket(socket.AF_INET,
+                                        socket.SOCK_STREAM)) as s:
+    s.settimeout(0.5)
+    return s.connect_ex((host, port)) == 0
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  # A zombie has exited; it only waits to be reaped by its parent.
+  try:
+    with open(f'/proc/{pid}/stat', encoding='utf-8') as f:
+      return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+  except OSError:
+    return True
+
+
+def stop_process(pid: int, timeout_s: float = 30.0,
+                 popen: subprocess.Popen | None = None) -> None:
+  """SIGTERM ``pid``, wait up to ``timeout_s``, then SIGKILL it."""
+  def wait(seconds: float) -> bool:
+    if popen is not None:
+      try:
+        popen.wait(seconds)
+        return True
+      except subprocess.TimeoutExpired:
+        return False
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+      if not _alive(pid):
+        return True
+      time.sleep(0.1)
+    return not _alive(pid)
+
+  if not _alive(pid):
+    wait(0)
+    return
+  try:
+    os.kill(pid, signal.SIGTERM)
+  except ProcessLookupError:
+    return
+  if not wait(timeout_s):
+    _LOGGER.warning('Kafka broker pid %d ignored SIGTERM; sending SIGKILL', pid)
+    with contextlib.suppress(ProcessLookupError):
+      os.kill(pid, signal.SIGKILL)
+    wait(10)
+
+
+# ---- `python -m runners.kafka up|down|status`: a broker that outlives us.
+
+def _read_state() -> dict[str, Any] | None:
+  try:
+    return json.loads(STATE_FILE.read_text())
+  except (OSError, ValueError):
+    return None
+
+
+def _is_our_broker(state: Mapping[str, Any]) -> bool:
+  """The recorded pid is still the java broker we started (not a reused pid)."""
+  pid = state.get('pid')
+  if not pid or not _alive(pid):
+    return False
+  try:
+    cmdline = pathlib.Path(f'/proc/{pid}/cmdline').read_bytes().split(b'\0')
+  except OSError:
+    return True  # no /proc: trust the pid
+  return (b'kafka.Kafka' in cmdline and
+          any(str(state.get('data_dir')).encode() in arg for arg in cmdline))
+
+
+def up(data_dir: str | os.PathLike | None = None, port: int | None = None,
+       controller_port: int | None = None) -> dict[str, Any]:
+  """Starts the background broker (or finds it running); returns its state."""
+  state = _read_state()
+  if state and _is_our_broker(state):
+    return state
+  data = pathlib.Path(data_dir or (state or {}).get('data_dir')
+                      or DEFAULT_DATA_DIR)
+  if state and not port and str(data) == state.get('data_dir'):
+    # Restarting on the same data: keep the ports clients were given.
+    port = port or (state['port'] if not _port_open(state['port']) else None)
+    controller_port = controller_port or (
+        state['controller_port']
+        if not _port_open(state['controller_port']) else None)
+  broker = KafkaBroker(data, port=port, controller_port=controller_port,
+                       tie_to_parent=False).start()
+  state = {
+      'pid': broker.pid,
+      'bootstrap_servers': broker.bootstrap_servers,
+      'port': broker.port,
+      'controller_port': broker.controller_port,
+      'data_dir': str(broker.data_dir),
+      'log': str(broker.log_file),
+      'kafka_version': kafka_version(),
+      'started': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
+  }
+  RUN_DIR.mkdir(parents=True, exist_ok=True)
+  tmp = STATE_FILE.with_suffix('.tmp')
+  tmp.write_text(json.dumps(state, indent=2) + '\n')
+  tmp.replace(STATE_FILE)
+  return state
+
+
+def down(timeout_s: float = 30.0) -> dict[str, Any] | None:
+  """Stops the background broker (data is kept); returns its last state."""
+  state = _read_state()
+  if state is None:
+    return None
+  if _is_our_broker(state):
+    stop_process(state['pid'], timeout_s)
+  STATE_FILE.unlink(missing_ok=True)
+  return state
+
+
+def status() -> dict[str, Any]:
+  """The recorded state plus whether the broker is alive and answering."""
+  state = _read_state() or {}
+  running = bool(state) and _is_our_broker(state)
+  state['running'] = running
+  state['answers'] = running and answers(state['bootstrap_servers'])
+  return state
+
+
+__all__ = ['KafkaBroker', 'KafkaBrokerError', 'answers', 'create_topic',
+           'down', 'fetch_jars', 'free_port', 'kafka_version', 'status', 'up']

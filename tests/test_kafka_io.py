@@ -1,0 +1,524 @@
+"""Tests of transforms.kafka_io: plain-function units, then a real broker.
+
+Integration tests run against the session broker of ``conftest.py`` on the
+DirectRunner (in this Beam: Prism when its binary is available, else the
+FnApiRunner) and, for watermark-driven firing, on Prism explicitly. Nothing
+is mocked.
+
+    python -m pytest tests/test_kafka_io.py -x -q
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import apache_beam as beam
+import pytest
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.testing.util import assert_that, equal_to
+from apache_beam.transforms import window
+from apache_beam.utils.timestamp import Timestamp
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from pipelines import replay
+from transforms import kafka_io
+from transforms.features import EVENT_TIME_KEY
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TAXI_CSV = os.path.join(REPO, 'data', 'taxi_trips.csv')
+
+
+# ------------------------------------------------------------------ helpers
+
+def consume_all(bootstrap: str, topic: str, expected: int | None = None,
+                timeout_s: float = 30.0) -> list[Any]:
+  """Every record of ``topic``: up to the end offsets, or until ``expected``
+  records arrived (for topics still being written)."""
+  consumer = KafkaConsumer(bootstrap_servers=bootstrap,
+                           auto_offset_reset='earliest',
+                           enable_auto_commit=False)
+  tps = [TopicPartition(topic, p)
+         for p in sorted(consumer.partitions_for_topic(topic) or [])]
+  consumer.assign(tps)
+  consumer.seek_to_beginning()
+  out: list[Any] = []
+  deadline = time.monotonic() + timeout_s
+  try:
+    while time.monotonic() < deadline:
+      if expected is None:
+        end = consumer.end_offsets(tps)
+        if all(consumer.position(tp) >= end[tp] for tp in tps):
+          break
+      elif len(out) >= expected:
+        break
+      for batch in consumer.poll(timeout_ms=200).values():
+        out.extend(batch)
+  finally:
+    consumer.close()
+  return out
+
+
+def produce(bootstrap: str, topic: str, messages, **kwargs) -> None:
+  """Sends (key, value[, partition[, timestamp_ms]]) tuples and flushes."""
+  producer = KafkaProducer(bootstrap_servers=bootstrap, **kwargs)
+  for message in messages:
+    key, value, partition, ts = (tuple(message) + (None, None))[:4]
+    producer.send(topic, key=key, value=value, partition=partition,
+                  timestamp_ms=ts)
+  producer.flush()
+  producer.close()
+
+
+def direct_options(*extra: str) -> PipelineOptions:
+  return PipelineOptions(['--runner=DirectRunner', *extra])
+
+
+def counter(result, name: str) -> int:
+  found = result.metrics().query(
+      MetricsFilter().with_namespace(kafka_io.METRICS_NAMESPACE)
+      .with_name(name))['counters']
+  return sum(c.committed or c.attempted or 0 for c in found)
+
+
+class FakeClock:
+
+  def __init__(self, now: float = 1_000_000.0):
+    self.now = now
+
+  def __call__(self) -> float:
+    return self.now
+
+
+def seconds(ts: float) -> Timestamp:
+  return Timestamp.of(ts)
+
+
+# -------------------------------------------------------------- plain units
+
+def test_watermark_is_max_event_time_minus_bound_and_never_goes_back():
+  clock = FakeClock()
+  policy = kafka_io.WatermarkPolicy(max_out_of_orderness_s=10,
+                                    idle_timeout_s=None)
+  est = kafka_io.PartitionWatermarkEstimator(None, policy, clock=clock)
+  assert est.current_watermark() == kafka_io.MIN_TIMESTAMP
+  est.observe_timestamp(seconds(1000))
+  assert est.current_watermark() == seconds(990)
+  est.observe_timestamp(seconds(950))  # out of order (late): no effect
+  assert est.current_watermark() == seconds(990)
+  est.observe_timestamp(seconds(1005))
+  assert est.current_watermark() == seconds(995)
+  # The state survives a checkpoint.
+  resumed = kafka_io.PartitionWatermarkEstimator(
+      est.get_estimator_state(), policy, clock=clock)
+  resumed.observe_timestamp(seconds(1001))
+  assert resumed.current_watermark() == seconds(995)
+
+
+def test_idle_partition_advances_to_wall_clock_only_when_caught_up():
+  clock = FakeClock(now=5000.0)
+  policy = kafka_io.WatermarkPolicy(max_out_of_orderness_s=10,
+                                    idle_timeout_s=30)
+  est = kafka_io.PartitionWatermarkEstimator(None, policy, clock=clock)
+  est.observe_timestamp(seconds(1000))
+  clock.now += 29
+  est.on_empty_poll(caught_up=True)
+  assert est.current_watermark() == seconds(990)  # not idle long enough
+  clock.now += 60
+  est.on_empty_poll(caught_up=False)  # behind the log end: not idle
+  assert est.current_watermark() == seconds(990)
+  clock.now += 31
+  est.on_empty_poll(caught_up=True)
+  assert est.current_watermark() == seconds(clock.now - 10)
+  # A partition that never saw a record is released by the same rule.
+  empty = kafka_io.PartitionWatermarkEstimator(None, policy, clock=clock)
+  clock.now += 31
+  empty.on_empty_poll(caught_up=True)
+  assert empty.current_watermark() == seconds(clock.now - 10)
+  # Disabled: an idle partition holds its watermark.
+  held = kafka_io.PartitionWatermarkEstimator(
+      None, kafka_io.WatermarkPolicy(idle_timeout_s=None), clock=clock)
+  clock.now += 1000
+  held.on_empty_poll(caught_up=True)
+  assert held.current_watermark() == kafka_io.MIN_TIMESTAMP
+
+
+def test_event_times_far_in_the_future_do_not_advance_the_watermark():
+  clock = FakeClock(now=2000.0)
+  policy = kafka_io.WatermarkPolicy(max_out_of_orderness_s=0,
+                                    idle_timeout_s=None, max_future_s=60)
+  est = kafka_io.PartitionWatermarkEstimator(None, policy, clock=clock)
+  est.observe_timestamp(seconds(1500))
+  est.observe_timestamp(seconds(2000 + 3600))  # a corrupt clock
+  assert est.current_watermark() == seconds(1500)
+  assert est.take_future_events() == 1
+  assert est.take_future_events() == 0
+
+
+def test_partitions_report_the_minimum_of_their_committed_peers():
+  clock = FakeClock()
+  peers = kafka_io.PeerWatermarks('reader-under-test', ttl_s=60, clock=clock)
+  peers.register([('t', 0), ('t', 1)])
+  policy = kafka_io.WatermarkPolicy(max_out_of_orderness_s=0,
+                                    idle_timeout_s=None)
+
+  def estimator(partition: int) -> kafka_io.PartitionWatermarkEstimator:
+    return kafka_io.PartitionWatermarkEstimator(
+        kafka_io.PartitionWatermarkEstimator.initial_state(('t', partition)),
+        policy, peers)
+
+  p0, p1 = estimator(0), estimator(1)
+  p0.observe_timestamp(seconds(100))
+  assert p0.own_watermark() == seconds(100)
+  assert p0.current_watermark() == kafka_io.MIN_TIMESTAMP  # p1 not read yet
+  p1.observe_timestamp(seconds(50))
+  # p0's 100 is not visible until p0's next bundle starts (this one is not
+  # committed yet).
+  assert p1.current_watermark() == kafka_io.MIN_TIMESTAMP
+  p0.begin_read()
+  assert p1.current_watermark() == seconds(50)
+  assert p0.current_watermark() == kafka_io.MIN_TIMESTAMP
+  p1.begin_read()
+  assert p0.current_watermark() == seconds(50)
+  clock.now += 61  # no news from p1 (finished, or moved): it stops counting
+  p0.observe_timestamp(seconds(120))
+  assert p0.current_watermark() == seconds(120)
+  peers.register([('t', 2)])
+  assert p0.current_watermark() == seconds(120)  # never goes back
+
+
+def test_event_time_from_json_field_or_none():
+  def rec(value: bytes) -> kafka_io.KafkaRecord:
+    return kafka_io.KafkaRecord('t', 0, 0, None, value, 5000)
+  by_field = kafka_io.event_time_fn(EVENT_TIME_KEY)
+  assert by_field(rec(b'{"trip_start_timestamp": 1400000000}')) == 1400000000
+  assert by_field(rec(b'{"trip_start_timestamp": "1400000000"}')) is None
+  assert by_field(rec(b'{"trip_start_timestamp": true}')) is None
+  assert by_field(rec(b'{"fare": 1}')) is None
+  assert by_field(rec(b'\xff\x00 not json')) is None
+  assert by_field(rec(b'[1, 2]')) is None
+  assert kafka_io.event_time_fn('kafka')(rec(b'')) == 5.0
+  in_ms = kafka_io.JsonFieldEventTime('t_ms', unit_seconds=0.001)
+  assert in_ms(rec(b'{"t_ms": 1500}')) == 1.5
+
+
+def test_dead_letter_keeps_the_exact_bytes_and_the_reasons():
+  garbage = b'\xff\xfe{"fare": \x00'
+  record = kafka_io.KafkaRecord('trips', 3, 42, b'k\xff', garbage, 1234)
+  with pytest.raises(kafka_io.records.InvalidRecord) as e:
+    kafka_io.decode_event(record)
+  letter = kafka_io.dead_letter(record, e.value.to_dicts())
+  assert json.loads(json.dumps(letter)) == letter  # valid JSON
+  assert base64.b64decode(letter['value_base64']) == garbage
+  assert base64.b64decode(letter['key_base64']) == b'k\xff'
+  assert letter['value'] == garbage.decode('utf-8', errors='replace')
+  assert (letter['topic'], letter['partition'], letter['offset']) == (
+      'trips', 3, 42)
+  assert letter['errors'][0]['field'] == '*'
+  assert letter['errors'][0]['reason'].startswith('not JSON')
+
+
+# ------------------------------------------------------ against the broker
+
+@pytest.fixture
+def taxi_events() -> list[tuple[str, dict[str, Any]]]:
+  # File order is not event-time order: the data arrives out of order.
+  return replay.load_events(TAXI_CSV, limit=300)
+
+
+def test_bounded_read_returns_exactly_the_records_produced(
+    kafka_bootstrap, kafka_topic, taxi_events):
+  topic = kafka_topic(partitions=3)
+  assert replay.replay(taxi_events, topic, kafka_bootstrap) == 300
+  produced = consume_all(kafka_bootstrap, topic, expected=300)
+  expected = sorted(
+      (m.topic, m.partition, m.offset, m.key, m.value, m.timestamp,
+       json.loads(m.value)[EVENT_TIME_KEY]) for m in produced)
+  assert len(expected) == 300
+
+  class WithTimestamp(beam.DoFn):
+
+    def process(self, r, ts=beam.DoFn.TimestampParam):
+      yield (r.topic, r.partition, r.offset, r.key, r.value, r.timestamp_ms,
+             int(ts.micros // 1_000_000))
+
+  with beam.Pipeline(options=direct_options()) as p:
+    got = (p
+           | 'ReadTrips' >> kafka_io.ReadFromKafka(
+               kafka_bootstrap, topic, bounded=True,
+               event_time=EVENT_TIME_KEY)
+           | 'AttachTimestamp' >> beam.ParDo(WithTimestamp()))
+    assert_that(got, equal_to(expected))
+
+
+def test_bounded_read_between_offsets_and_timestamps(kafka_bootstrap,
+                                                     kafka_topic):
+  topic = kafka_topic(partitions=1)
+  produce(kafka_bootstrap, topic,
+          [(None, b'%d' % i, 0, 1_000_000 + i * 1000) for i in range(20)])
+  with beam.Pipeline(options=direct_options()) as p:
+    by_offset = (p
+                 | 'ReadOffsets' >> kafka_io.ReadFromKafka(
+                     kafka_bootstrap, topic, start_offsets=5, stop_offsets=9)
+                 | 'OffsetValues' >> beam.Map(lambda r: int(r.value)))
+    assert_that(by_offset, equal_to([5, 6, 7, 8]), label='CheckOffsets')
+    by_time = (p
+               | 'ReadTimes' >> kafka_io.ReadFromKafka(
+                   kafka_bootstrap, topic, start_timestamp_ms=1_012_000,
+                   stop_timestamp_ms=1_015_000)
+               | 'TimeValues' >> beam.Map(lambda r: int(r.value)))
+    assert_that(by_time, equal_to([12, 13, 14]), label='CheckTimes')
+
+
+def test_streaming_read_fixed_windows_on_direct_runner(
+    kafka_bootstrap, kafka_topic, taxi_events):
+  """streaming=True, stopped at the end offsets: every event in its window."""
+  topic = kafka_topic(partitions=2)
+  replay.replay(taxi_events, topic, kafka_bootstrap)
+  size = 30 * 86400
+  expected = collections.Counter(
+      e[EVENT_TIME_KEY] - e[EVENT_TIME_KEY] % size for _, e in taxi_events)
+
+  class WindowStart(beam.DoFn):
+
+    def process(self, count, w=beam.DoFn.WindowParam):
+      yield int(w.start), count
+
+  with beam.Pipeline(options=direct_options('--streaming')) as p:
+    counts = (p
+              | 'ReadTrips' >> kafka_io.ReadFromKafka(
+                  kafka_bootstrap, topic, bounded=True,
+                  event_time=EVENT_TIME_KEY,
+                  watermark=kafka_io.WatermarkPolicy(
+                      max_out_of_orderness_s=600))
+              | 'Window30Days' >> beam.WindowInto(window.FixedWindows(size))
+              | 'CountPerWindow' >> beam.CombineGlobally(
+                  beam.combiners.CountCombineFn()).without_defaults()
+              | 'KeyByWindow' >> beam.ParDo(WindowStart()))
+    assert_that(counts, equal_to(sorted(expected.items())))
+
+
+def _prism_options(*extra: str) -> PipelineOptions:
+  """PrismRunner options; the binary is built once (``runners.prism``)."""
+  from runners import options as runner_options
+  return PipelineOptions(runner_options.resolve([
+      '--runner=prism', *extra,
+      # Beam shares one Prism job server per process; a DirectRunner test
+      # that tried (and failed) to download prism must not hand us its own.
+      '--experiments=disable_prism_server_singleton']))
+
+
+def test_windows_fire_as_the_watermark_passes_them_on_prism(
+    kafka_bootstrap, kafka_topic):
+  """Real streaming: windows close while the pipeline runs, in order.
+
+  Two partitions, 60 s windows, out-of-orderness bound 10 s, idle timeout
+  10 s. Event times are base + the numbers below.
+  """
+  topic, out = kafka_topic(partitions=2), kafka_topic(suffix='out')
+  assigned = kafka_topic(suffix='windows')
+  base = 1_400_000_040  # a multiple of 60
+
+  def send(partition: int, offsets: list[int]) -> None:
+    produce(kafka_bootstrap, topic,
+            [(None, json.dumps({'t': base + o}).encode(), partition)
+             for o in offsets])
+
+  class FormatPane(beam.DoFn):
+
+    def process(self, count, w=beam.DoFn.WindowParam,
+                pane=beam.DoFn.PaneInfoParam):
+      yield None, {'window': int(w.start) - base, 'count': count,
+                   'timing': pane.timing}
+
+  class FormatAssignment(beam.DoFn):
+
+    def process(self, r, w=beam.DoFn.WindowParam):
+      yield None, {'t': json.loads(r.value)['t'] - base,
+                   'window': int(w.start) - base}
+
+  p = beam.Pipeline(options=_prism_options('--streaming'))
+  windowed = (p
+              | 'ReadEvents' >> kafka_io.ReadFromKafka(
+                  kafka_bootstrap, topic,
+                  event_time=kafka_io.JsonFieldEventTime('t'),
+                  watermark=kafka_io.WatermarkPolicy(
+                      max_out_of_orderness_s=10, idle_timeout_s=10),
+                  poll_timeout_s=0.3, checkpoint_interval_s=0.5)
+              | 'Window60s' >> beam.WindowInto(window.FixedWindows(60)))
+  _ = (windowed
+       | 'CountPerWindow' >> beam.CombineGlobally(
+           beam.combiners.CountCombineFn()).without_defaults()
+       | 'FormatPane' >> beam.ParDo(FormatPane())
+       | 'WritePanes' >> kafka_io.WriteToKafka(kafka_bootstrap, out))
+  _ = (windowed
+       | 'FormatAssignment' >> beam.ParDo(FormatAssignment())
+       | 'WriteAssignments' >> kafka_io.WriteToKafka(kafka_bootstrap, assigned))
+  result = p.run()
+  panes: dict[int, list[dict]] = collections.defaultdict(list)
+  consumer = KafkaConsumer(out, bootstrap_servers=kafka_bootstrap,
+                           auto_offset_reset='earliest',
+                           enable_auto_commit=False)
+
+  def wait_for(windows: set[int], timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not windows <= set(panes) and time.monotonic() < deadline:
+      for batch in consumer.poll(timeout_ms=200).values():
+        for m in batch:
+          pane = json.loads(m.value)
+          panes[pane['window']].append(pane)
+    assert windows <= set(panes), (windows, dict(panes))
+
+  try:
+    # Phase 1. Watermarks: p0 130-10=120, p1 125-10=115 -> 115: only
+    # [0, 60) may close.
+    send(0, [1, 5, 30, 61, 62, 130])
+    send(1, [10, 70, 125])
+    wait_for({0})
+    assert set(panes) == {0}, dict(panes)  # [60, 120) waits for p1
+    # Phase 2: out of order but within the bound (125 in p0, 150 in p1: on
+    # time), one late event (30: behind the watermark), then p0 200 and p1
+    # 190 move the watermark to 180: [60, 120) and [120, 180) close.
+    send(0, [125, 30, 200])
+    send(1, [150, 190])
+    wait_for({60, 120})
+    assert 180 not in panes, dict(panes)
+    # Phase 3: p0 gets 400, p1 goes quiet; after the idle timeout p1 no
+    # longer holds the watermark and [180, 240) closes on p0's 390.
+    send(0, [400])
+    wait_for({180})
+    assert 360 not in panes, dict(panes)
+  finally:
+    consumer.close()
+    result.cancel()
+
+  on_time = {w: [(q['count'], q['timing']) for q in v]
+             for w, v in panes.items()}
+  on_time_timing = 1  # PaneInfoTiming.ON_TIME
+  assert on_time == {0: [(4, on_time_timing)], 60: [(3, on_time_timing)],
+                     120: [(4, on_time_timing)], 180: [(2, on_time_timing)]}
+  # Every event, the late one included, is assigned to its own window.
+  assignments = [json.loads(m.value)
+                 for m in consume_all(kafka_bootstrap, assigned, expected=15)]
+  assert sorted((a['t'], a['window']) for a in assignments) == sorted(
+      (t, t - t % 60) for t in [1, 5, 30, 61, 62, 130, 10, 70, 125, 125, 30,
+                                200, 150, 190, 400])
+
+
+def test_restart_with_the_same_group_loses_nothing(
+    kafka_bootstrap, kafka_topic, taxi_events):
+  """Kill -9 a streaming copy job mid-topic; a restart resumes the group."""
+  source, sink = kafka_topic(partitions=2), kafka_topic(suffix='copy')
+  events = taxi_events[:240]
+  replay.replay(events, source, kafka_bootstrap)
+  group = f'{source}-group'
+  job = [sys.executable, '-m', 'tests.kafka_copy_job',
+         '--runner=DirectRunner', '--streaming',
+         f'--bootstrap_servers={kafka_bootstrap}', f'--source={source}',
+         f'--sink={sink}', f'--group_id={group}', '--sleep_ms=20']
+  proc = subprocess.Popen(job, cwd=REPO, start_new_session=True,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  try:
+    copied = consume_all(kafka_bootstrap, sink, expected=60, timeout_s=120)
+    assert len(copied) >= 60, proc.stderr.read().decode()[-3000:]
+  finally:
+    os.killpg(proc.pid, signal.SIGKILL)  # a crash: no cleanup, no drain
+    proc.wait()
+  consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=group,
+                           enable_auto_commit=False)
+  committed = [consumer.committed(TopicPartition(source, i)) or 0
+               for i in (0, 1)]
+  consumer.close()
+  assert 0 < sum(committed) < len(events), committed  # killed mid-topic
+
+  with beam.Pipeline(options=direct_options()) as p:
+    _ = (p
+         | 'ResumeGroup' >> kafka_io.ReadFromKafka(
+             kafka_bootstrap, source, group_id=group, bounded=True)
+         | 'KeyValue' >> beam.Map(lambda r: (r.key, r.value))
+         | 'WriteCopy' >> kafka_io.WriteToKafka(kafka_bootstrap, sink))
+  keys = collections.Counter(
+      m.key.decode() for m in consume_all(kafka_bootstrap, sink))
+  assert set(keys) == {eid for eid, _ in events}  # none lost
+  # At least once: only what was read after the last commit is repeated.
+  assert sum(keys.values()) - len(events) <= len(events) - sum(committed)
+
+
+def test_malformed_records_go_to_the_dead_letter_topic(
+    kafka_bootstrap, kafka_topic, taxi_events):
+  topic, dlq = kafka_topic(partitions=2), kafka_topic(suffix='dlq')
+  good = [(eid.encode(), json.dumps(e).encode()) for eid, e in taxi_events[:20]]
+  trip = dict(taxi_events[0][1])
+  bad = {
+      b'bad-json': b'{"fare": 12.5,',
+      b'garbage': bytes(range(256)),
+      b'wrong-type': json.dumps({**trip, 'fare': '12.5'}).encode(),
+      b'missing': json.dumps({'fare': 3.0}).encode(),
+      b'not-object': b'[1, 2, 3]',
+      b'nan': json.dumps({**trip, 'trip_miles': float('nan')}).encode(),
+      b'out-of-domain': json.dumps({**trip, 'trip_start_hour': 25}).encode(),
+      b'tombstone': None,
+  }
+  produce(kafka_bootstrap, topic, good + list(bad.items()))
+
+  with beam.Pipeline(options=direct_options()) as p:
+    decoded = (p
+               | 'ReadTrips' >> kafka_io.ReadFromKafka(kafka_bootstrap, topic,
+                                                       bounded=True)
+               | 'DecodeTrips' >> kafka_io.DecodeEvents(with_keys=True))
+    assert_that(decoded.records | 'Keys' >> beam.Map(lambda kv: kv[0]),
+                equal_to([k.decode() for k, _ in good]))
+    _ = decoded.dead_letters | 'WriteDeadLetters' >> kafka_io.WriteDeadLetters(
+        kafka_bootstrap, dlq)
+  result = p.result
+  assert counter(result, 'events_decoded') == len(good)
+  assert counter(result, 'events_dead_lettered') == len(bad)
+
+  letters = {json.loads(m.value)['key']: json.loads(m.value)
+             for m in consume_all(kafka_bootstrap, dlq, expected=len(bad))}
+  assert set(letters) == {k.decode() for k in bad}
+  for key, value in bad.items():
+    letter = letters[key.decode()]
+    assert letter['topic'] == topic and letter['errors'], letter
+    original = (base64.b64decode(letter['value_base64'])
+                if letter['value_base64'] is not None else None)
+    assert original == value
+  reasons = {k: {(e['field'], e['reason']) for e in v['errors']}
+             for k, v in letters.items()}
+  assert ('fare', 'expected a number, got str') in reasons['wrong-type']
+  assert ('trip_miles', 'not a finite number') in reasons['nan']
+  assert ('trip_start_hour',
+          'out of domain [0, 23]') in reasons['out-of-domain']
+  assert ('payment_type', 'missing') in reasons['missing']
+  assert ('*', 'expected an object') in reasons['not-object']
+  assert ('*', 'null value (tombstone)') in reasons['tombstone']
+  assert all(r.startswith('not JSON') for _, r in reasons['garbage'])
+  assert all(r.startswith('not JSON') for _, r in reasons['bad-json'])
+
+
+def test_write_to_kafka_fails_the_bundle_when_a_record_is_rejected(
+    kafka_bootstrap, kafka_topic):
+  """No silent drops: a record the broker refuses fails the pipeline."""
+  topic = kafka_topic()
+  from runners.kafka import create_topic
+  small = topic + '-small'
+  create_topic(kafka_bootstrap, small, 1, config={'max.message.bytes': '1024'})
+  with beam.Pipeline(options=direct_options()) as p:
+    _ = (p
+         | 'Rows' >> beam.Create([('a', {'n': 1}), (b'b', b'raw'), ('c', 'x')])
+         | 'Write' >> kafka_io.WriteToKafka(kafka_bootstrap, topic))
+  got = {m.key: m.value for m in consume_all(kafka_bootstrap, topic, 3)}
+  assert got == {b'a': b'{"n":1}', b'b': b'raw', b'c': b'x'}
+  with pytest.raises(Exception, match='failing the bundle'):
+    with beam.Pipeline(options=direct_options()) as p:
+      _ = (p
+           | 'Rows' >> beam.Create([('ok', 'small'), ('big', 'x' * 5000)])
+           | 'Write' >> kafka_io.WriteToKafka(kafka_bootstrap, small))
