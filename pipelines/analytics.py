@@ -57,32 +57,21 @@ from transforms import windowing
 
 # Row types on the shared output topic.
 STATS, DRIFT, QUALITY = 'window_stats', 'drift', 'quality'
+DEFAULT_OUTPUT_TOPIC = 'trip-stats'
+DEFAULT_GROUP_ID = 'rtml-analytics'
+DEFAULT_MAX_OUT_OF_ORDERNESS = 60.0
 
 
 class AnalyticsOptions(PipelineOptions):
 
   @classmethod
   def _add_argparse_args(cls, parser):
-    # --bootstrap_servers is Beam's own flag: see kafka_io.bootstrap_servers.
-    parser.add_argument('--input_topic', default='trips')
-    parser.add_argument('--output_topic', default='trip-stats')
+    # Kafka flags (--bootstrap_servers, --input_topic, --output_topic...) are
+    # shared by every pipeline: kafka_io.KafkaOptions.
     parser.add_argument('--late_topic', default='trips-late')
     parser.add_argument('--alerts_topic', default='trip-alerts')
-    parser.add_argument('--dead_letter_topic', default='trips-dlq')
-    parser.add_argument('--group_id', default='rtml-analytics',
-                        help='Kafka consumer group (offsets are committed).')
-    parser.add_argument('--start', choices=['earliest', 'latest'],
-                        default='earliest',
-                        help='Where to start without a committed offset.')
     parser.add_argument('--bounded', action='store_true',
                         help='Read Kafka up to the end offsets at launch.')
-    parser.add_argument('--max_out_of_orderness', type=float, default=60.0,
-                        help='Source watermark = max event time seen in a '
-                        'partition minus this (seconds).')
-    parser.add_argument('--consumer_config', type=json.loads, default={},
-                        help='JSON of extra kafka-python consumer settings.')
-    parser.add_argument('--producer_config', type=json.loads, default={},
-                        help='JSON of extra kafka-python producer settings.')
     parser.add_argument('--input_csv', default=None,
                         help='CSV file pattern: batch run instead of Kafka.')
     parser.add_argument('--output_path', default=None,
@@ -208,15 +197,18 @@ def read_csv_records(pipeline, file_pattern: str):
 
 def read_kafka_records(pipeline, opts: AnalyticsOptions):
   """Kafka JSON events -> (Records timestamped by event time, dead letters)."""
+  kafka = opts.view_as(kafka_io.KafkaOptions)
   events = (
       pipeline
       | 'ReadTrips' >> kafka_io.ReadFromKafka(
-          kafka_io.bootstrap_servers(opts), opts.input_topic,
-          group_id=opts.group_id, auto_offset_reset=opts.start,
+          kafka_io.bootstrap_servers(opts), kafka.input_topic,
+          group_id=kafka.group_id or DEFAULT_GROUP_ID,
+          auto_offset_reset=kafka.start,
           bounded=opts.bounded, event_time=F.EVENT_TIME_KEY,
           watermark=kafka_io.WatermarkPolicy(
-              max_out_of_orderness_s=opts.max_out_of_orderness),
-          consumer_config=opts.consumer_config)
+              max_out_of_orderness_s=(kafka.max_out_of_orderness or
+                                      DEFAULT_MAX_OUT_OF_ORDERNESS)),
+          consumer_config=kafka.consumer_config)
       | 'DecodeTrips' >> kafka_io.DecodeEvents())
   return events.records, events.dead_letters
 
@@ -230,7 +222,8 @@ def _key_of(row: dict[str, Any]) -> str:
 def write_kafka(outputs: dict[str, Any], dead_letters,
                 opts: AnalyticsOptions) -> None:
   bootstrap = kafka_io.bootstrap_servers(opts)
-  topics = {'rows': opts.output_topic, 'late': opts.late_topic,
+  kafka = opts.view_as(kafka_io.KafkaOptions)
+  topics = {'rows': kafka.output_topic or DEFAULT_OUTPUT_TOPIC, 'late': opts.late_topic,
             'alerts': opts.alerts_topic}
   rows = tuple(outputs[k] for k in ('stats', 'drift', 'quality')
                if k in outputs) | 'MergeRows' >> beam.Flatten()
@@ -242,10 +235,10 @@ def write_kafka(outputs: dict[str, Any], dead_letters,
     _ = (pcoll
          | f'Key{label}' >> beam.Map(lambda r: (_key_of(r), r))
          | f'Write{label}' >> kafka_io.WriteToKafka(
-             bootstrap, topics[name], producer_config=opts.producer_config,
+             bootstrap, topics[name], producer_config=kafka.producer_config,
              event_timestamps=False))
   _ = dead_letters | 'WriteDeadLetters' >> kafka_io.WriteDeadLetters(
-      bootstrap, opts.dead_letter_topic, producer_config=opts.producer_config)
+      bootstrap, kafka.dead_letter_topic, producer_config=kafka.producer_config)
 
 
 def write_files(outputs: dict[str, Any], dead_letters, path: str) -> None:

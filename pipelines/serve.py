@@ -42,7 +42,7 @@ import json
 import logging
 import sys
 import time
-from typing import Any, Iterable, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -60,23 +60,20 @@ from transforms import kafka_io
 from transforms.records import Record
 
 METRICS_NAMESPACE = serving.METRICS_NAMESPACE
+DEFAULT_OUTPUT_TOPIC = 'predictions'
+DEFAULT_GROUP_ID = 'rtml-serve'
+# Trips are scored one by one: the watermark only matters for monitoring.
+DEFAULT_MAX_OUT_OF_ORDERNESS = 3600.0
 
 
 class ServeOptions(PipelineOptions):
 
   @classmethod
   def _add_argparse_args(cls, parser):
-    # --bootstrap_servers is Beam's own flag: see kafka_io.bootstrap_servers.
-    parser.add_argument('--input_topic', default='trips')
-    parser.add_argument('--output_topic', default='predictions')
-    parser.add_argument('--dead_letter_topic', default='trips-dlq')
+    # Kafka flags (--bootstrap_servers, --input_topic, --output_topic...) are
+    # shared by every pipeline: kafka_io.KafkaOptions.
     parser.add_argument('--model_dir',
                         help='Directory of <integer>/ SavedModel versions.')
-    parser.add_argument('--group_id', default='rtml-serve',
-                        help='Kafka consumer group (offsets are committed).')
-    parser.add_argument('--start', choices=['earliest', 'latest'],
-                        default='earliest',
-                        help='Where to start without a committed offset.')
     parser.add_argument('--model_poll_secs', type=float, default=5.0,
                         help='How often to look for a new model version.')
     parser.add_argument('--min_batch_size', type=int, default=1)
@@ -89,14 +86,6 @@ class ServeOptions(PipelineOptions):
                         'but each costs a scheduling round trip: on Prism '
                         '0.1 s gave 114 events/s, 1 s gave 1,350 '
                         '(benchmarks/serve_bench.py).')
-    parser.add_argument('--max_out_of_orderness_secs', type=float,
-                        default=3600.0,
-                        help='Watermark = max event time seen minus this.')
-    parser.add_argument('--consumer_config', type=json.loads, default={},
-                        help='JSON of extra kafka-python consumer settings '
-                        '(security_protocol, sasl_*, ssl_*...).')
-    parser.add_argument('--producer_config', type=json.loads, default={},
-                        help='JSON of extra kafka-python producer settings.')
     parser.add_argument('--run_seconds', type=float, default=None,
                         help='Stop after this long (demos); default: forever.')
 
@@ -218,16 +207,19 @@ class Predict(beam.PTransform):
 def build(pipeline: beam.Pipeline, opts: ServeOptions) -> dict[str, Any]:
   """Adds the serving job to ``pipeline``; returns its PCollections."""
   bootstrap = kafka_io.bootstrap_servers(opts)
+  kafka = opts.view_as(kafka_io.KafkaOptions)
   events = (
       pipeline
       | 'ReadEvents' >> kafka_io.ReadFromKafka(
-          bootstrap, opts.input_topic, group_id=opts.group_id,
-          auto_offset_reset=opts.start, event_time=F.EVENT_TIME_KEY,
+          bootstrap, kafka.input_topic,
+          group_id=kafka.group_id or DEFAULT_GROUP_ID,
+          auto_offset_reset=kafka.start, event_time=F.EVENT_TIME_KEY,
           watermark=kafka_io.WatermarkPolicy(
-              max_out_of_orderness_s=opts.max_out_of_orderness_secs),
+              max_out_of_orderness_s=(kafka.max_out_of_orderness or
+                                      DEFAULT_MAX_OUT_OF_ORDERNESS)),
           checkpoint_interval_s=opts.bundle_secs,
           poll_timeout_s=min(1.0, opts.bundle_secs),
-          consumer_config=opts.consumer_config)
+          consumer_config=kafka.consumer_config)
       | 'ParseEvents' >> kafka_io.DecodeEvents(with_source=True))
   scored = (events.records
             | 'AttachContext' >> beam.Map(attach_context)
@@ -235,8 +227,8 @@ def build(pipeline: beam.Pipeline, opts: ServeOptions) -> dict[str, Any]:
                 opts.model_dir, opts.model_poll_secs, opts.min_batch_size,
                 opts.max_batch_size, opts.max_batch_duration_secs))
   _ = scored['predictions'] | 'WritePredictions' >> kafka_io.WriteToKafka(
-      bootstrap, opts.output_topic,
-      producer_config=opts.producer_config, event_timestamps=False)
+      bootstrap, kafka.output_topic or DEFAULT_OUTPUT_TOPIC,
+      producer_config=kafka.producer_config, event_timestamps=False)
   dead_letters = (
       (events.dead_letters
        | 'KeyDeadLetters' >> beam.Map(
@@ -244,8 +236,8 @@ def build(pipeline: beam.Pipeline, opts: ServeOptions) -> dict[str, Any]:
        scored['failures'])
       | 'MergeDeadLetters' >> beam.Flatten())
   _ = dead_letters | 'WriteDeadLetters' >> kafka_io.WriteToKafka(
-      bootstrap, opts.dead_letter_topic,
-      producer_config=opts.producer_config, event_timestamps=False)
+      bootstrap, kafka.dead_letter_topic,
+      producer_config=kafka.producer_config, event_timestamps=False)
   return {'predictions': scored['predictions'], 'dead_letters': dead_letters}
 
 
@@ -259,9 +251,11 @@ def start(argv: Optional[list[str]] = None):
     raise SystemExit('pipelines.serve: --model_dir is required')
   pipeline = beam.Pipeline(options=options)
   build(pipeline, opts)
-  print(f'[serve] {kafka_io.bootstrap_servers(opts)} {opts.input_topic} -> {opts.output_topic} '
-        f'(dead letters: {opts.dead_letter_topic}), models from '
-        f'{opts.model_dir}', flush=True)
+  kafka = opts.view_as(kafka_io.KafkaOptions)
+  print(f'[serve] {kafka_io.bootstrap_servers(opts)} {kafka.input_topic} -> '
+        f'{kafka.output_topic or DEFAULT_OUTPUT_TOPIC} (dead letters: '
+        f'{kafka.dead_letter_topic}), models from {opts.model_dir}',
+        flush=True)
   return pipeline.run()
 
 

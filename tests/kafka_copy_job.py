@@ -27,7 +27,7 @@ class CopyOptions(PipelineOptions):
   def _add_argparse_args(cls, parser):
     parser.add_argument('--source', required=True)
     parser.add_argument('--sink', required=True)
-    parser.add_argument('--group_id', required=True)
+    # --group_id is a shared Kafka flag: kafka_io.KafkaOptions.
     parser.add_argument('--sleep_ms', type=float, default=0.0)
 
 
@@ -41,7 +41,8 @@ def build(pipeline: beam.Pipeline, opts: CopyOptions) -> None:
 
   _ = (pipeline
        | 'ReadSource' >> kafka_io.ReadFromKafka(
-           bootstrap, opts.source, group_id=opts.group_id,
+           bootstrap, opts.source,
+           group_id=opts.view_as(kafka_io.KafkaOptions).group_id,
            checkpoint_interval_s=0.3, poll_timeout_s=0.3)
        | 'SlowCopy' >> beam.Map(slow_copy)
        | 'WriteSink' >> kafka_io.WriteToKafka(bootstrap, opts.sink))
