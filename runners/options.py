@@ -16,10 +16,11 @@ direct      ``--runner=DirectRunner`` and nothing else (Beam's own local
 prism       ``--runner=PrismRunner --prism_location=<cached binary>
             --environment_type=LOOPBACK``; the binary is built once with
             ``go install`` at the Beam pin (``runners.prism``)
-flink       ``--runner=FlinkRunner --flink_version=<pinned>
+flink       ``--runner=FlinkRunner --flink_version=1.19
             --flink_master=[local] --environment_type=LOOPBACK
-            --flink_job_server_jar=<cached jar>``
-            (``runners.flink``); for a cluster give ``--flink_master=HOST:PORT``
+            --flink_job_server_jar=<cached launcher jar>``: Beam's Flink job
+            server 2.62 assembled from Maven (``runners.flink`` says why not
+            2.77); for a cluster give ``--flink_master=HOST:PORT``
             (``python -m runners.flink up`` prints one). LOOPBACK runs the
             Python workers inside the submitting process, which the task
             managers must be able to reach (same machine or network); for
@@ -114,6 +115,13 @@ def _prism(argv: list[str]) -> list[str]:
   if not has_flag(argv, 'prism_location'):
     from runners import prism
     argv = set_flag(argv, 'prism_location', prism.ensure_binary())
+  if 'disable_prism_server_singleton' not in ' '.join(argv):
+    # Beam shares one Prism job server per process. In Beam 2.77 a
+    # DirectRunner run first tries Prism *without* our binary (a download,
+    # which fails offline) and leaves that broken server as the shared one, so
+    # a later --runner prism in the same process (a notebook, a test session)
+    # would reuse it. Our runs get their own server.
+    argv = argv + ['--experiments=disable_prism_server_singleton']
   # Python workers in this process: no Docker, no worker start-up cost.
   return set_default(argv, 'environment_type', 'LOOPBACK')
 

@@ -1,24 +1,28 @@
-"""Runner plumbing: flag mapping, and one small pipeline on every runner.
+"""Runner plumbing: flag mapping, and the same pipelines on every runner.
 
 The same tiny job (payment-type counts of the taxi CSV, batch; per-window
 counts from a ``TestStream``, streaming) runs on the DirectRunner as the
-oracle, on Prism and on Flink, and is translated for Dataflow offline. Nothing
-is mocked: Prism is the real binary, Flink the real job server and cluster;
-a test skips (saying why) only when a runner's artifact cannot be had here.
+oracle, on Prism and on Flink, and is translated for Dataflow offline. On
+Flink the real jobs run too: the training pipeline (tf.Transform) gives the
+DirectRunner's output, and the streaming serving pipeline on the real Kafka
+broker scores events exactly as the SavedModel does in batch. Nothing is
+mocked and nothing skips: Prism is the real binary, Flink the real job server
+(embedded mini-cluster) and a real standalone cluster.
 
     python -m pytest tests/test_runners.py -v --durations=0
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
-import functools
 import glob
 import json
 import os
 import pathlib
-import shutil
+import time
 import uuid
+import zipfile
 
 import apache_beam as beam
 import pytest
@@ -29,6 +33,7 @@ from apache_beam.options.pipeline_options import (DebugOptions,
                                                   PrismRunnerOptions,
                                                   SetupOptions,
                                                   StandardOptions)
+from apache_beam.runners.portability import job_server
 from apache_beam.testing.test_stream import TestStream as BeamTestStream
 from apache_beam.transforms import window
 from apache_beam.transforms.periodicsequence import PeriodicImpulse
@@ -109,9 +114,43 @@ def test_flink_keeps_a_cluster_address_and_environment():
 
 def test_flink_pins_agree_with_beam():
   pinned = flink.versions()
-  assert pinned.beam == beam.__version__
   assert pinned.flink_minor in FlinkRunnerOptions.PUBLISHED_FLINK_VERSIONS
   assert pinned.flink.startswith(pinned.flink_minor + '.')
+
+
+def test_manifest_lines_are_wrapped_at_72_bytes():
+  value = ' '.join(f'libs/dependency-number-{i}.jar' for i in range(40))
+  data = flink.manifest({'Manifest-Version': '1.0', 'Class-Path': value})
+  lines = data.split(b'\r\n')
+  assert lines[-2:] == [b'', b'']  # the main section ends with a blank line
+  assert all(len(line) <= 72 for line in lines)
+  unfolded = data.replace(b'\r\n ', b'').decode().splitlines()
+  assert unfolded[:2] == ['Manifest-Version: 1.0', f'Class-Path: {value}']
+
+
+def test_flink_launcher_jar_names_the_pinned_job_server():
+  jar = pathlib.Path(flink.ensure_job_server_jar())
+  with zipfile.ZipFile(jar) as zf:
+    raw = zf.read('META-INF/MANIFEST.MF')
+  assert all(len(line) <= 72 for line in raw.split(b'\r\n'))
+  attributes = dict(line.split(': ', 1) for line in
+                    raw.replace(b'\r\n ', b'').decode().splitlines() if line)
+  assert attributes['Main-Class'] == flink.JOB_SERVER_MAIN
+  libs = [jar.parent / entry for entry in attributes['Class-Path'].split()]
+  assert len(libs) > 100 and all(lib.is_file() for lib in libs)
+  names = {lib.name for lib in libs}
+  pinned = flink.versions()
+  assert (f'beam-runners-flink-{pinned.flink_minor}-{pinned.job_server}.jar'
+          in names)
+  # The job server's embedded Flink is the cluster's Flink.
+  assert f'flink-runtime-{pinned.flink}.jar' in names
+  assert {'java.base/java.util', 'java.base/java.lang',
+          'java.base/java.lang.reflect', 'java.base/java.io',
+          'java.base/java.net', 'java.base/java.nio', 'java.base/sun.nio.ch',
+          'java.base/java.time', 'java.base/java.util.concurrent'} <= set(
+              attributes['Add-Opens'].split())
+  assert resolve(['--runner', 'flink'])[-1] == (
+      f'--flink_job_server_jar={jar}')
 
 
 def test_dataflow_names_every_missing_required_flag():
@@ -274,34 +313,56 @@ def test_prism_streaming_output_equals_direct_runner(oracle, tmp_path):
               tmp_path / 'o') == oracle['streaming']
 
 
-@functools.lru_cache(maxsize=1)
-def _flink_job_server_problem() -> str | None:
-  """Why Beam's Flink job server jar cannot be had here (asked once)."""
-  if not all(shutil.which(t) for t in ('java', 'mvn')):
-    return 'Flink needs java and mvn'
-  try:
-    flink.ensure_job_server_jar()
-  except RunnerSetupError as e:
-    return f'no Beam Flink job server jar: {str(e).splitlines()[-1]}'
-  return None
+# ---- Flink: Beam's job server 2.62 (runners.flink) and Flink 1.19. ----
 
 
-def _flink_or_skip() -> None:
-  problem = _flink_job_server_problem()
-  if problem:
-    pytest.skip(problem)
+@contextlib.contextmanager
+def _stopping_flink_job_servers():
+  """Stops the job servers Beam's FlinkRunner starts inside the block.
+
+  Beam keeps each one (a JVM, with its mini-cluster for [local]) until the
+  Python process exits; a test session would pile them up. Observing
+  ``StopOnExitJobServer.start`` changes nothing else.
+  """
+  started = []
+  original = job_server.StopOnExitJobServer.start
+
+  def start(self):
+    started.append(self)
+    return original(self)
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(job_server.StopOnExitJobServer, 'start', start)
+    try:
+      yield
+    finally:
+      for server in started:
+        server.stop()
 
 
-def test_flink_local_batch_output_equals_direct_runner(oracle, tmp_path):
-  _flink_or_skip()
+# When a job server stops, the in-process SDK harness threads of its finished
+# or cancelled job see their gRPC streams end (CANCELLED "Multiplexer hanging
+# up", UNAVAILABLE "Socket closed") and pytest reports each thread's exception.
+_HARNESS_HANG_UP = pytest.mark.filterwarnings(
+    'ignore::pytest.PytestUnhandledThreadExceptionWarning')
+
+
+@pytest.fixture
+def flink_job_servers():
+  with _stopping_flink_job_servers():
+    yield
+
+
+def test_flink_local_batch_output_equals_direct_runner(
+    oracle, flink_job_servers, tmp_path):
+  # Beam starts the launcher with `java -jar`; [local] is the job server's
+  # embedded Flink mini-cluster.
   assert _run(_batch_counts, ['--runner', 'flink'], tmp_path / 'o') == (
       oracle['batch'])
 
 
 @pytest.fixture(scope='module')
 def flink_cluster():
-  if not all(shutil.which(t) for t in ('java', 'javac', 'mvn')):
-    pytest.skip('the Flink cluster needs a JDK and mvn')
   with flink.FlinkCluster() as cluster:
     yield cluster
 
@@ -315,10 +376,145 @@ def test_flink_cluster_runs_a_job(flink_cluster):
 
 
 def test_flink_cluster_batch_output_equals_direct_runner(
-    oracle, flink_cluster, tmp_path):
-  _flink_or_skip()
+    oracle, flink_cluster, flink_job_servers, tmp_path):
+  finished = flink_cluster.overview()['jobs-finished']
   argv = ['--runner', 'flink', '--flink_master', flink_cluster.address]
   assert _run(_batch_counts, argv, tmp_path / 'o') == oracle['batch']
+  # It ran on the cluster, not in an embedded mini-cluster.
+  assert flink_cluster.overview()['jobs-finished'] == finished + 1
+
+
+def _decoded_examples(pattern: str) -> list[str]:
+  """Transformed tf.Examples as canonical JSON (byte order of the proto map
+  fields may differ between runs; the values may not)."""
+  import tensorflow as tf
+  from google.protobuf import json_format
+  files = sorted(glob.glob(pattern))
+  assert files, pattern
+  return sorted(
+      json.dumps(json_format.MessageToDict(tf.train.Example.FromString(
+          record.numpy())), sort_keys=True)
+      for record in tf.data.TFRecordDataset(files, compression_type='GZIP'))
+
+
+@pytest.fixture(scope='module')
+def flink_training(tmp_path_factory):
+  """pipelines.train on the same 400 rows (+1 bad one): DirectRunner, Flink."""
+  from pipelines import train
+  root = tmp_path_factory.mktemp('train')
+  data = root / 'trips.csv'
+  with open(TRIPS) as f:
+    lines = [next(f) for _ in range(401)]
+  # One row with too many columns: both runners must dead-letter it.
+  data.write_text(''.join(lines) + lines[1].rstrip('\n') + ',extra\n')
+  runs = {}
+  for name, argv in (('direct', ['--runner', 'direct']),
+                     ('flink', ['--runner', 'flink'])):
+    out = root / name
+    with _stopping_flink_job_servers():
+      metrics = train.run(['--input', str(data), '--output_dir', str(out),
+                           '--epochs', '1'] + argv)
+    runs[name] = {'out': out, 'metrics': metrics}
+  return runs
+
+
+@_HARNESS_HANG_UP
+def test_flink_training_equals_direct_runner(flink_training):
+  direct, on_flink = flink_training['direct'], flink_training['flink']
+  for key in ('n_train', 'n_eval', 'n_dead_letters'):
+    assert on_flink['metrics'][key] == direct['metrics'][key], key
+  assert direct['metrics']['n_train'] + direct['metrics']['n_eval'] == 400
+  assert direct['metrics']['n_dead_letters'] == 1
+  read = lambda run, name: (run['out'] / name).read_text()
+  assert json.loads(read(on_flink, 'stats.json')) == json.loads(
+      read(direct, 'stats.json'))
+  # tf.Transform's analyzers: the same vocabularies...
+  assets = 'transform/transform_fn/assets'
+  vocabularies = sorted(p.name for p in (direct['out'] / assets).iterdir())
+  assert vocabularies
+  for name in vocabularies:
+    assert read(on_flink, f'{assets}/{name}') == read(
+        direct, f'{assets}/{name}')
+  # ...and the same transformed rows, train and eval.
+  for prefix in ('transformed/train', 'transformed/eval'):
+    assert _decoded_examples(f'{on_flink["out"]}/{prefix}*') == (
+        _decoded_examples(f'{direct["out"]}/{prefix}*'))
+  dead = glob.glob(str(on_flink['out'] / 'dead_letters' / '*.jsonl'))
+  assert [json.loads(line)['errors'][0]['reason']
+          for path in dead for line in open(path)] == ['too many columns']
+
+
+class _Topic:
+  """Reads a topic from its start into ``self.items``."""
+
+  def __init__(self, bootstrap: str, topic: str):
+    from kafka import KafkaConsumer
+    self.items = []
+    self._consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap,
+                                   auto_offset_reset='earliest',
+                                   consumer_timeout_ms=500)
+
+  def until(self, expected: int, timeout_s: float) -> list:
+    deadline = time.monotonic() + timeout_s
+    while len(self.items) < expected and time.monotonic() < deadline:
+      for message in self._consumer:
+        self.items.append(json.loads(message.value))
+    return self.items
+
+  def close(self) -> None:
+    self._consumer.close()
+
+
+@_HARNESS_HANG_UP
+def test_flink_streaming_serving_on_kafka_equals_batch_predictions(
+    flink_training, kafka_bootstrap, kafka_topic, flink_job_servers):
+  """The Flink-trained model served by the streaming job on Flink."""
+  import numpy as np
+  from kafka import KafkaProducer
+  from models import export, serving
+  from pipelines import replay, serve
+  from transforms import records
+
+  model_root = str(flink_training['flink']['out'] / 'model')
+  topics = {'trips': kafka_topic(partitions=2, suffix='trips'),
+            'predictions': kafka_topic(suffix='predictions'),
+            'dlq': kafka_topic(suffix='dlq')}
+  events = replay.load_events(TRIPS, split='eval', limit=60)
+  result = serve.start([
+      '--runner', 'flink', '--bootstrap_servers', kafka_bootstrap,
+      '--input_topic', topics['trips'],
+      '--output_topic', topics['predictions'],
+      '--dead_letter_topic', topics['dlq'], '--model_dir', model_root,
+      '--group_id', f'serve-{uuid.uuid4().hex[:8]}'])
+  predictions = _Topic(kafka_bootstrap, topics['predictions'])
+  dead_letters = _Topic(kafka_bootstrap, topics['dlq'])
+  try:
+    replay.replay(events[:30], topics['trips'], kafka_bootstrap)
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
+    producer.send(topics['trips'], key=b'bad-0', value=b'{"fare": 1, no')
+    producer.flush()
+    producer.close()
+    replay.replay(events[30:], topics['trips'], kafka_bootstrap)
+    predictions.until(len(events), 180)
+    dead_letters.until(1, 30)
+    predictions.until(len(events) + 1, 3)  # a duplicate would show up now
+    assert result.state == 'RUNNING'
+  finally:
+    result.cancel()
+    predictions.close()
+    dead_letters.close()
+
+  got = predictions.items
+  assert sorted(p['event_id'] for p in got) == sorted(e for e, _ in events)
+  assert {p['model_version'] for p in got} == {1}
+  model = serving.load(os.path.join(model_root, '1'))
+  by_id = dict(events)
+  batch = serving.predict(
+      model, [records.parse_json(by_id[p['event_id']]) for p in got])
+  np.testing.assert_allclose([p['probability'] for p in got],
+                             batch[export.PROBABILITY], atol=1e-6)
+  assert [d['key'] for d in dead_letters.items] == ['bad-0']
+  assert dead_letters.items[0]['errors'][0]['reason'].startswith('not JSON')
 
 
 def test_dataflow_job_graph_is_built_offline(tmp_path):
