@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 # TensorFlow's C++ start-up chatter hides the progress lines.
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install demo test train prism kafka-up kafka-down flink-up flink-down \
+.PHONY: install demo test train replay prism kafka-up kafka-down flink-up flink-down \
         flink-status flink-check bench dataflow-dry-run dataflow-image \
         dataflow-template dataflow-run clean
 
@@ -46,6 +46,11 @@ train: install
 
 test: install prism
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+RATE ?= 200
+replay: install
+	$(PY) -m pipelines.replay --input data/taxi_trips.csv --topic trips \
+	  --rate $(RATE) --order event_time
 
 kafka-up: install
 	$(PY) -m runners.kafka up

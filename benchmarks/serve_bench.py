@@ -85,7 +85,6 @@ class Baseline:
     self.ready = threading.Event()
 
   def run(self):
-    import datetime  # noqa: F401 (prediction_record formats times)
     from kafka import KafkaConsumer, KafkaProducer
     from apache_beam.ml.inference.base import PredictionResult
     from models import export, serving

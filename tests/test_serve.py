@@ -37,6 +37,8 @@ BAD_EVENTS = [
     json.dumps([1, 2, 3]).encode(),                                # not object
 ]
 PHASE_SIZES = (120, 100, 60)
+# Phase 2 lasts until version 2 is seen serving; at most this many events.
+PHASE2_MAX = 400
 
 
 class _Collector:
@@ -48,11 +50,14 @@ class _Collector:
                                    auto_offset_reset='earliest',
                                    consumer_timeout_ms=500)
 
-  def until(self, expected, timeout_s):
+  def until(self, expected, timeout_s, done=None):
+    """Reads until ``expected`` items, ``done(items)`` or the timeout."""
     deadline = time.monotonic() + timeout_s
     while len(self.items) < expected and time.monotonic() < deadline:
       for message in self._consumer:
         self.items.append(json.loads(message.value))
+      if done is not None and done(self.items):
+        break
     return self.items
 
   def close(self):
@@ -73,17 +78,18 @@ def scenario(tmp_path_factory, kafka_bootstrap):
   kafka_runner.create_topic(kafka_bootstrap, topics['dlq'])
 
   events = replay.load_events('data/taxi_trips.csv', split='eval',
-                              limit=sum(PHASE_SIZES))
+                              limit=PHASE_SIZES[0] + PHASE2_MAX +
+                              PHASE_SIZES[2])
   phases = [events[:PHASE_SIZES[0]],
-            events[PHASE_SIZES[0]:PHASE_SIZES[0] + PHASE_SIZES[1]],
-            events[PHASE_SIZES[0] + PHASE_SIZES[1]:]]
+            events[PHASE_SIZES[0]:PHASE_SIZES[0] + PHASE2_MAX],
+            events[-PHASE_SIZES[2]:]]
   result = serve.start([
       '--bootstrap_servers', kafka_bootstrap,
       '--input_topic', topics['trips'],
       '--output_topic', topics['predictions'],
       '--dead_letter_topic', topics['dlq'],
       '--model_dir', model_root, '--model_poll_secs', '0.5',
-      '--group_id', f'serve-{suffix}', '--runner', 'prism', '--prism_location', os.path.expanduser('~/.cache/rtml/prism/v2.77.0/prism'), '--environment_type', 'LOOPBACK'])
+      '--group_id', f'serve-{suffix}', '--runner', 'prism'])
   predictions = _Collector(kafka_bootstrap, topics['predictions'])
   dead_letters = _Collector(kafka_bootstrap, topics['dlq'])
   try:
@@ -99,14 +105,31 @@ def scenario(tmp_path_factory, kafka_bootstrap):
     predictions.until(PHASE_SIZES[0], 180)
     dead_letters.until(len(BAD_EVENTS), 60)
 
-    # Phase 2: export version 2 while events keep flowing.
-    # ~17 s of events: longer than training + exporting version 2.
-    flowing = threading.Thread(target=replay.replay, args=(
-        phases[1], topics['trips'], kafka_bootstrap), kwargs={'rate': 6})
+    # Phase 2: events flow (6/s) while version 2 is trained and exported,
+    # and until a prediction by version 2 has been seen.
+    stop = threading.Event()
+    sent = []
+
+    def flow():
+      producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
+      for eid, event in phases[1]:
+        if stop.is_set():
+          break
+        producer.send(topics['trips'], key=eid.encode(),
+                      value=json.dumps(event).encode()).get(timeout=30)
+        sent.append((eid, event))
+        time.sleep(1 / 6)
+      producer.close()
+
+    flowing = threading.Thread(target=flow)
     flowing.start()
-    _, _ = train.train_and_export(out, epochs=1, verbose=0)
+    train.train_and_export(out, epochs=1, verbose=0)
+    predictions.until(10**9, 180, done=lambda items: any(
+        p['model_version'] == 2 for p in items))
+    stop.set()
     flowing.join()
-    predictions.until(sum(PHASE_SIZES[:2]), 120)
+    phases[1] = sent
+    predictions.until(PHASE_SIZES[0] + len(sent), 120)
 
     # Phase 3: a corrupt version 3; version 2 must keep serving.
     corrupt = os.path.join(model_root, '3')
@@ -115,9 +138,10 @@ def scenario(tmp_path_factory, kafka_bootstrap):
       f.write(b'this is not a SavedModel')
     time.sleep(3)  # several polls: the watcher sees and rejects it
     replay.replay(phases[2], topics['trips'], kafka_bootstrap)
-    predictions.until(sum(PHASE_SIZES), 120)
+    total = sum(len(phase) for phase in phases)
+    predictions.until(total, 120)
     # Anything more would be a duplicate or a stray: give it a moment.
-    predictions.until(sum(PHASE_SIZES) + 1, 3)
+    predictions.until(total + 1, 3)
   finally:
     result.cancel()
     predictions.close()
@@ -157,8 +181,10 @@ def test_hot_swap_to_v2_and_corrupt_v3_rejected(scenario):
   by_id = {p['event_id']: p['model_version'] for p in scenario['predictions']}
   phase1, phase2, phase3 = scenario['phases']
   assert {by_id[eid] for eid, _ in phase1} == {1}
-  # The switch happened while events were flowing.
+  # The switch happened while events were flowing (before the pool of phase
+  # 2 events ran out).
   assert {by_id[eid] for eid, _ in phase2} == {1, 2}
+  assert len(phase2) < PHASE2_MAX
   assert {by_id[eid] for eid, _ in phase3} == {2}
   assert export.list_versions(scenario['model_root']) == [1, 2, 3]
   assert serving.newest_valid_version(scenario['model_root']) == 2
