@@ -51,6 +51,7 @@ from apache_beam.ml.inference.base import PredictionResult
 from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.options.pipeline_options import StandardOptions
+from apache_beam.options.pipeline_options import TestOptions
 
 from models import export
 from models import serving
@@ -182,10 +183,12 @@ class Predict(beam.PTransform):
 
   def __init__(self, model_root: str, model_poll_secs: float = 5.0,
                min_batch_size: int = 1, max_batch_size: int = 256,
-               max_batch_duration_secs: Optional[float] = None):
+               max_batch_duration_secs: Optional[float] = None,
+               check_model: bool = True):
     super().__init__()
-    # Fail at launch, not on a worker, when nothing can be served.
-    serving.newest_valid_version(model_root)
+    if check_model:
+      # Fail at launch, not on a worker, when nothing can be served.
+      serving.newest_valid_version(model_root)
     self._handler = KeyedModelHandler(serving.RawFeaturesModelHandler(
         model_root, model_poll_secs, min_batch_size, max_batch_size,
         max_batch_duration_secs))
@@ -225,7 +228,10 @@ def build(pipeline: beam.Pipeline, opts: ServeOptions) -> dict[str, Any]:
             | 'AttachContext' >> beam.Map(attach_context)
             | 'Predict' >> Predict(
                 opts.model_dir, opts.model_poll_secs, opts.min_batch_size,
-                opts.max_batch_size, opts.max_batch_duration_secs))
+                opts.max_batch_size, opts.max_batch_duration_secs,
+                # A Dataflow --dry_run builds the graph without touching the
+                # (remote) model directory.
+                check_model=not opts.view_as(TestOptions).dry_run))
   _ = scored['predictions'] | 'WritePredictions' >> kafka_io.WriteToKafka(
       bootstrap, kafka.output_topic or DEFAULT_OUTPUT_TOPIC,
       producer_config=kafka.producer_config, event_timestamps=False)

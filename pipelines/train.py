@@ -44,6 +44,7 @@ from apache_beam.io import fileio
 from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import TestOptions
 
 from runners import options as runner_options
 from transforms import columns
@@ -278,6 +279,12 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                       train_options.eval_percent, train_options.batch_size)
   result = pipeline.run()
   result.wait_until_finish()
+  if options.view_as(TestOptions).dry_run:
+    # Dataflow --dry_run: the job graph is built (runners.dataflow) and
+    # nothing ran, so there is nothing to train on.
+    print('[train] dry run: job graph built, stopping before training',
+          flush=True)
+    return {'dry_run': True}
   preprocess_seconds = time.monotonic() - started
   n_valid = _counter(result, 'rows_valid')
   n_invalid = _counter(result, 'rows_invalid')

@@ -560,3 +560,47 @@ def test_dataflow_streaming_job_is_a_streaming_job(tmp_path):
   assert job['type'] == 'JOB_TYPE_STREAMING'
   options = job['environment']['sdkPipelineOptions']['options']
   assert options['streaming'] is True
+
+
+def _graph_names(result) -> set[str]:
+  graph = json.loads(pathlib.Path(result.pipeline_file).read_text())
+  return {t['uniqueName'] for t in graph['components']['transforms'].values()}
+
+
+def test_dataflow_job_graphs_of_train_and_serve(tmp_path, monkeypatch):
+  """The project's own pipelines, unchanged, build Dataflow jobs offline."""
+  from pipelines import serve
+  from pipelines import train
+  results = []
+  original_run = beam.Pipeline.run
+
+  def keep_result(self, *args, **kwargs):
+    results.append(original_run(self, *args, **kwargs))
+    return results[-1]
+  monkeypatch.setattr(beam.Pipeline, 'run', keep_result)
+
+  assert train.run(DATAFLOW + [
+      '--dry_run', '--dataflow_job_file', str(tmp_path / 'train.json'),
+      '--job_name', 'rtml-train', '--input', 'gs://rtml-test/data/*.csv',
+      # tf.Transform creates its temp dir while building the graph: local,
+      # since there is no network here.
+      '--output_dir', str(tmp_path / 'out')]) == {'dry_run': True}
+  job = json.loads((tmp_path / 'train.json').read_text())
+  assert job['type'] == 'JOB_TYPE_BATCH'
+  names = _graph_names(results[-1])
+  assert {'ReadCsv', 'ParseAndSplit', 'ComputeStats', 'WriteDeadLetters',
+          'AnalyzeAndTransform', 'TransformEval', 'WriteTrain', 'WriteEval',
+          'WriteTransformFn'} <= names
+
+  serve.start(DATAFLOW + [
+      '--dry_run', '--dataflow_job_file', str(tmp_path / 'serve.json'),
+      '--job_name', 'rtml-serve', '--bootstrap_servers', 'broker:9092',
+      '--model_dir', 'gs://rtml-test/out/model'])
+  job = json.loads((tmp_path / 'serve.json').read_text())
+  assert job['type'] == 'JOB_TYPE_STREAMING'
+  assert job['environment']['sdkPipelineOptions']['options'][
+      'bootstrap_servers'] == 'broker:9092'
+  names = _graph_names(results[-1])
+  assert {'ReadEvents', 'ParseEvents', 'AttachContext', 'Predict',
+          'Predict/RunInference', 'WritePredictions', 'MergeDeadLetters',
+          'WriteDeadLetters'} <= names
