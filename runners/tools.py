@@ -53,3 +53,27 @@ def free_port(host: str = '127.0.0.1') -> int:
   with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
     sock.bind((host, 0))
     return sock.getsockname()[1]
+
+
+def alive(pid: int) -> bool:
+  """Whether process ``pid`` is running; an exited zombie does not count.
+
+  A zombie child of ours is reaped here; another process's zombie is read
+  from ``/proc`` (it waits for its own parent).
+  """
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  try:
+    if os.waitpid(pid, os.WNOHANG) != (0, 0):
+      return False
+  except ChildProcessError:
+    pass  # not our child
+  try:
+    with open(f'/proc/{pid}/stat', encoding='utf-8') as f:
+      return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+  except OSError:
+    return True

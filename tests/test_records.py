@@ -5,20 +5,12 @@ import math
 
 import pytest
 
+from tests import taxi
 from transforms import features as F
 from transforms import records as R
 
-# A real row of data/taxi_trips.csv (line 4), as csv.DictReader yields it.
-GOOD_CSV = {
-    'pickup_community_area': '60', 'fare': '27.05', 'trip_start_month': '10',
-    'trip_start_hour': '2', 'trip_start_day': '3',
-    'trip_start_timestamp': '1380593700', 'pickup_latitude': '41.836150155',
-    'pickup_longitude': '-87.648787952', 'dropoff_latitude': '',
-    'dropoff_longitude': '', 'trip_miles': '12.6', 'pickup_census_tract': '',
-    'dropoff_census_tract': '', 'payment_type': 'Cash',
-    'company': 'Taxi Affiliation Services', 'trip_seconds': '1380',
-    'dropoff_community_area': '', 'tips': '0.0',
-}
+# A real row of data/taxi_trips.csv.
+GOOD_CSV = taxi.row(2)  # line 4: a Cash trip with missing dropoff fields
 
 
 def _errors(exc_info):

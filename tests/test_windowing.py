@@ -18,22 +18,14 @@ from apache_beam.transforms import window as W
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.windowed_value import PaneInfo, PaneInfoTiming
 
+from tests import taxi
 from transforms import features as F
 from transforms import records as R
 from transforms import windowing
 from transforms.windowing import WindowConfig
 
-# A real row of data/taxi_trips.csv; each test changes key, time and amounts.
-_ROW = {
-    'pickup_community_area': '60', 'fare': '27.05', 'trip_start_month': '10',
-    'trip_start_hour': '2', 'trip_start_day': '3',
-    'trip_start_timestamp': '1380593700', 'pickup_latitude': '41.836150155',
-    'pickup_longitude': '-87.648787952', 'dropoff_latitude': '',
-    'dropoff_longitude': '', 'trip_miles': '12.6', 'pickup_census_tract': '',
-    'dropoff_census_tract': '', 'payment_type': 'Cash',
-    'company': 'Taxi Affiliation Services', 'trip_seconds': '1380',
-    'dropoff_community_area': '', 'tips': '0.0',
-}
+# A real row of data/taxi_trips.csv.
+_ROW = taxi.row(2)  # line 4: a Cash trip with missing dropoff fields
 
 
 def trip(area, ts, fare=10.0, tips=1.0):

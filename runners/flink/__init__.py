@@ -82,8 +82,8 @@ import xml.etree.ElementTree as ET
 import zipfile
 from typing import Any
 
-from runners.tools import (CACHE_ROOT, RUN_DIR, RunnerSetupError, free_port,
-                           require_tool)
+from runners.tools import (CACHE_ROOT, RUN_DIR, RunnerSetupError, alive,
+                           free_port, require_tool)
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -505,19 +505,6 @@ class FlinkCluster:
       self.stop()
 
 
-def _alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  try:  # a zombie child of ours counts as gone
-    return os.waitpid(pid, os.WNOHANG) == (0, 0)
-  except ChildProcessError:
-    return True
-
-
 def _terminate(pid: int, timeout: float) -> None:
   """TERM the process group led by ``pid`` (only ours: started with setsid)."""
   for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -527,7 +514,7 @@ def _terminate(pid: int, timeout: float) -> None:
       return
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-      if not _alive(pid):
+      if not alive(pid):
         return
       time.sleep(0.2)
 
@@ -573,7 +560,7 @@ def read_state() -> dict[str, Any] | None:
     state = json.loads(STATE_FILE.read_text())
   except (OSError, ValueError):
     return None
-  if not all(_alive(pid) for pid in state.get('pids', {}).values()):
+  if not all(alive(pid) for pid in state.get('pids', {}).values()):
     STATE_FILE.unlink(missing_ok=True)
     return None
   return state

@@ -42,6 +42,8 @@ import uuid
 import xml.etree.ElementTree as ET
 from typing import Any, Mapping
 
+from runners.tools import alive
+
 _LOGGER = logging.getLogger(__name__)
 
 POM = pathlib.Path(__file__).with_name('pom.xml')
@@ -398,21 +400,6 @@ def _port_open(port: int, host: str = HOST) -> bool:
     return s.connect_ex((host, port)) == 0
 
 
-def _alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  # A zombie has exited; it only waits to be reaped by its parent.
-  try:
-    with open(f'/proc/{pid}/stat', encoding='utf-8') as f:
-      return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
-  except OSError:
-    return True
-
-
 def stop_process(pid: int, timeout_s: float = 30.0,
                  popen: subprocess.Popen | None = None) -> None:
   """SIGTERM ``pid``, wait up to ``timeout_s``, then SIGKILL it."""
@@ -425,12 +412,12 @@ def stop_process(pid: int, timeout_s: float = 30.0,
         return False
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-      if not _alive(pid):
+      if not alive(pid):
         return True
       time.sleep(0.1)
-    return not _alive(pid)
+    return not alive(pid)
 
-  if not _alive(pid):
+  if not alive(pid):
     wait(0)
     return
   try:
@@ -456,7 +443,7 @@ def _read_state() -> dict[str, Any] | None:
 def _is_our_broker(state: Mapping[str, Any]) -> bool:
   """The recorded pid is still the java broker we started (not a reused pid)."""
   pid = state.get('pid')
-  if not pid or not _alive(pid):
+  if not pid or not alive(pid):
     return False
   try:
     cmdline = pathlib.Path(f'/proc/{pid}/cmdline').read_bytes().split(b'\0')
