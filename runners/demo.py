@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import sys
@@ -147,7 +148,11 @@ def main(argv: list[str] | None = None) -> int:
   print('[demo] starting a local Kafka broker', flush=True)
   with kafka_runner.KafkaBroker() as broker:
     print(f'[demo] broker at {broker.bootstrap_servers}', flush=True)
-    return run_demo(broker.bootstrap_servers, args.work_dir, runner_args)
+    code = run_demo(broker.bootstrap_servers, args.work_dir, runner_args)
+    # The cancelled pipeline's clients would log a connection error every
+    # few ms once the broker stops, until this process exits.
+    logging.getLogger('kafka').setLevel(logging.CRITICAL)
+    return code
 
 
 if __name__ == '__main__':
