@@ -90,7 +90,7 @@ def canary_record() -> Record:
       values[f.name] = f.default
     else:
       values[f.name] = {F.DType.FLOAT: 1.0, F.DType.INT: 1,
-                        F.DType.STRING: 'Cash'}[f.dtype]
+                        F.DType.STRING: 'canary'}[f.dtype]  # any: OOV is valid
   return Record(values, ())
 
 
