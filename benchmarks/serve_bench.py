@@ -62,7 +62,8 @@ def _events(n):
 
 
 def _measure(bootstrap, topic, n, timeout_s):
-  got = demo.collect(bootstrap, topic, n, timeout_s, 'predictions')
+  got = demo.collect(bootstrap, topic, n, timeout_s, 'predictions',
+                     progress=sys.stderr)
   appended = sorted(t for t, _ in got)
   latency = [t - p['source']['timestamp_ms'] for t, p in got]
   return got, appended, latency
@@ -169,7 +170,8 @@ def _bench(kind, bootstrap, model_root, args, runner=None):
   try:
     warmup = _events(200)
     replay.replay(warmup, topics['in'], bootstrap)
-    demo.collect(bootstrap, topics['out'], len(warmup), 180, 'warm-up')
+    demo.collect(bootstrap, topics['out'], len(warmup), 180, 'warm-up',
+                 progress=sys.stderr)
     _log(f'{kind}: {n} events at {args.rate}/s')
     replay.replay(_events(n), topics['in'], bootstrap, rate=args.rate)
     got, _, latency = _measure(bootstrap, topics['out'], len(warmup) + n, 300)

@@ -261,7 +261,7 @@ def start(argv: Optional[list[str]] = None):
   print(f'[serve] {kafka_io.bootstrap_servers(opts)} {kafka.input_topic} -> '
         f'{kafka.output_topic or DEFAULT_OUTPUT_TOPIC} (dead letters: '
         f'{kafka.dead_letter_topic}), models from {opts.model_dir}',
-        flush=True)
+        file=sys.stderr, flush=True)
   return pipeline.run()
 
 

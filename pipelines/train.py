@@ -273,7 +273,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
   started = time.monotonic()
 
   print(f'[train] 1/3 preprocessing {train_options.input} with tf.Transform',
-        flush=True)
+        file=sys.stderr, flush=True)
   pipeline = beam.Pipeline(options=options)
   build_preprocessing(pipeline, train_options.input, output_dir,
                       train_options.eval_percent, train_options.batch_size)
@@ -283,13 +283,13 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     # Dataflow --dry_run: the job graph is built (runners.dataflow) and
     # nothing ran, so there is nothing to train on.
     print('[train] dry run: job graph built, stopping before training',
-          flush=True)
+          file=sys.stderr, flush=True)
     return {'dry_run': True}
   preprocess_seconds = time.monotonic() - started
   n_valid = _counter(result, 'rows_valid')
   n_invalid = _counter(result, 'rows_invalid')
 
-  print('[train] 2/3 training the Keras model', flush=True)
+  print('[train] 2/3 training the Keras model', file=sys.stderr, flush=True)
   import tensorflow as tf
   metrics, _ = train_and_export(output_dir, epochs=train_options.epochs)
   with tf.io.gfile.GFile(os.path.join(output_dir, 'stats.json')) as f:
@@ -307,7 +307,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
   print(f'[train] 3/3 exported model version {metrics["model_version"]}: '
         f'AUC {metrics["auc"]:.4f}, accuracy {metrics["accuracy"]:.4f}, '
         f'{n_train} train / {metrics["n_eval"]} eval rows, '
-        f'{n_invalid} dead letters', flush=True)
+        f'{n_invalid} dead letters', file=sys.stderr, flush=True)
   return metrics
 
 

@@ -25,7 +25,7 @@ import shutil
 import sys
 import time
 import uuid
-from typing import Any
+from typing import Any, TextIO
 
 from runners import kafka as kafka_runner
 
@@ -44,7 +44,8 @@ def percentiles(values: list[float], points=(50, 95, 99)) -> dict[str, float]:
 
 
 def collect(bootstrap: str, topic: str, expected: int, timeout_s: float,
-            label: str) -> list[tuple[int, dict[str, Any]]]:
+            label: str, progress: TextIO = sys.stdout
+            ) -> list[tuple[int, dict[str, Any]]]:
   """(append time ms, JSON value) of the first ``expected`` messages."""
   from kafka import KafkaConsumer
   consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap,
@@ -59,7 +60,8 @@ def collect(bootstrap: str, topic: str, expected: int, timeout_s: float,
         got.append((message.timestamp, json.loads(message.value)))
       if time.monotonic() - last_print > 2:
         last_print = time.monotonic()
-        print(f'[demo] {label}: {len(got)}/{expected}', flush=True)
+        print(f'[demo] {label}: {len(got)}/{expected}', file=progress,
+              flush=True)
   finally:
     consumer.close()
   return got
