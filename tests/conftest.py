@@ -51,3 +51,10 @@ def kafka_topic(kafka_bootstrap: str,
     return name
 
   return make
+
+
+def pytest_sessionfinish(session, exitstatus):
+  """Beam stops its Prism servers at interpreter exit with a WARNING each
+  ("Really destroying service"); they would print after pytest's summary."""
+  logging.getLogger('apache_beam.utils.subprocess_server').setLevel(
+      logging.ERROR)
