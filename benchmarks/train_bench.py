@@ -28,6 +28,7 @@ from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
 
 from pipelines import train  # noqa: E402
 from transforms import columns  # noqa: E402
+from transforms import csv_io  # noqa: E402
 from transforms import features as F  # noqa: E402
 from transforms import preprocessing  # noqa: E402
 from transforms import records as R  # noqa: E402
@@ -44,7 +45,7 @@ def _timed(label, fn):
 
 def _analyze_only(input_pattern, out):
   with beam.Pipeline(options=PipelineOptions([])) as p:
-    split = (p | 'ReadCsv' >> train.ReadCsvRows(input_pattern)
+    split = (p | 'ReadCsv' >> csv_io.ReadCsvRows(input_pattern)
              | 'ParseAndSplit' >> train.ParseAndSplit(20))
     with tft_beam.Context(temp_dir=os.path.join(out, 'tmp')):
       transform_fn = (
@@ -61,7 +62,7 @@ def _transform_only(input_pattern, out):
   schema = tft.TFTransformOutput(
       os.path.join(out, 'transform')).transformed_metadata.schema
   with beam.Pipeline(options=PipelineOptions([])) as p:
-    split = (p | 'ReadCsv' >> train.ReadCsvRows(input_pattern)
+    split = (p | 'ReadCsv' >> csv_io.ReadCsvRows(input_pattern)
              | 'ParseAndSplit' >> train.ParseAndSplit(20))
     transform_fn = p | tft_beam.ReadTransformFn(os.path.join(out, 'transform'))
     with tft_beam.Context(temp_dir=os.path.join(out, 'tmp')):

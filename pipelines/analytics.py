@@ -49,6 +49,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.options.pipeline_options import StandardOptions
 
 from runners import options as runner_options
+from transforms import csv_io
 from transforms import features as F
 from transforms import kafka_io
 from transforms import monitoring
@@ -181,18 +182,14 @@ def build(records, config: windowing.WindowConfig,
 
 def read_csv_records(pipeline, file_pattern: str):
   """CSV rows -> (timestamped Records, dead-letter dicts)."""
-  # The training pipeline's CSV reader and row parser: one code path.
-  from pipelines import train
   parsed = (pipeline
-            | 'ReadCsv' >> train.ReadCsvRows(file_pattern)
-            | 'ParseRows' >> beam.ParDo(train.ParseRow()).with_outputs(
-                train.ParseRow.DEAD_LETTER, main='records'))
+            | 'ReadCsv' >> csv_io.ReadCsvRows(file_pattern)
+            | 'ParseRows' >> beam.ParDo(csv_io.ParseRow()).with_outputs(
+                csv_io.ParseRow.DEAD_LETTER, main='records'))
   records = (parsed.records
              | 'DropRowKeys' >> beam.Values()
              | 'AssignEventTime' >> windowing.AssignEventTime())
-  dead = parsed[train.ParseRow.DEAD_LETTER] | 'LoadDeadLetters' >> beam.Map(
-      json.loads)
-  return records, dead
+  return records, parsed[csv_io.ParseRow.DEAD_LETTER]
 
 
 def read_kafka_records(pipeline, opts: AnalyticsOptions):

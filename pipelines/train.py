@@ -30,28 +30,24 @@ runs after Transform; the Beam stage is what scales out.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import os
 import sys
 import time
-from typing import Any, Iterable
+from typing import Any
 
 import apache_beam as beam
-from apache_beam.io import fileio
-from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.options.pipeline_options import TestOptions
 
 from runners import options as runner_options
 from transforms import columns
+from transforms import csv_io
 from transforms import records as R
 from transforms import stats as feature_stats
 
-METRICS_NAMESPACE = 'rtml.train'
 TRAIN_PREFIX = 'transformed/train'
 EVAL_PREFIX = 'transformed/eval'
 
@@ -74,54 +70,6 @@ class TrainOptions(PipelineOptions):
                         help='Rows per Arrow RecordBatch fed to tf.Transform.')
 
 
-class ReadCsvRows(beam.PTransform):
-  """CSV files → (source, row dict) with ``source`` = ``path:line``."""
-
-  def __init__(self, file_pattern: str):
-    super().__init__()
-    self._file_pattern = file_pattern
-
-  def expand(self, pbegin):
-    return (pbegin
-            | 'MatchFiles' >> fileio.MatchFiles(self._file_pattern)
-            | 'ReadMatches' >> fileio.ReadMatches()
-            | 'ReadRows' >> beam.FlatMap(_read_csv_file))
-
-
-def _read_csv_file(readable_file) -> Iterable[tuple[str, dict[str, str]]]:
-  path = readable_file.metadata.path
-  with readable_file.open() as raw:
-    reader = csv.DictReader(io.TextIOWrapper(raw, encoding='utf-8',
-                                             newline=''))
-    for row in reader:
-      # restkey/restval mark ragged rows; the parser reports them.
-      yield f'{path}:{reader.line_num}', row
-
-
-class ParseRow(beam.DoFn):
-  """(source, CSV row) → (key, Record), or a dead letter with reasons."""
-  DEAD_LETTER = 'dead_letter'
-
-  def __init__(self):
-    self._valid = Metrics.counter(METRICS_NAMESPACE, 'rows_valid')
-    self._invalid = Metrics.counter(METRICS_NAMESPACE, 'rows_invalid')
-
-  def process(self, element):
-    source, row = element
-    try:
-      extra = row.pop(None, None)  # values beyond the header
-      if extra is not None:
-        raise R.InvalidRecord([R.FieldError('*', extra, 'too many columns')])
-      record = R.parse_csv_row(row)
-    except R.InvalidRecord as e:
-      self._invalid.inc()
-      yield beam.pvalue.TaggedOutput(self.DEAD_LETTER, json.dumps(
-          {'source': source, 'row': row, 'errors': e.to_dicts()}))
-      return
-    self._valid.inc()
-    yield R.record_key(row), record
-
-
 class ParseAndSplit(beam.PTransform):
   """Rows → train records, eval records and dead letters."""
 
@@ -130,8 +78,8 @@ class ParseAndSplit(beam.PTransform):
     self._eval_percent = eval_percent
 
   def expand(self, rows):
-    parsed = rows | 'ParseRows' >> beam.ParDo(ParseRow()).with_outputs(
-        ParseRow.DEAD_LETTER, main='records')
+    parsed = rows | 'ParseRows' >> beam.ParDo(csv_io.ParseRow()).with_outputs(
+        csv_io.ParseRow.DEAD_LETTER, main='records')
     train, evaluation = (
         parsed.records
         | 'SplitTrainEval' >> beam.Partition(
@@ -139,7 +87,7 @@ class ParseAndSplit(beam.PTransform):
     return {
         'train': train | 'DropTrainKeys' >> beam.Values(),
         'eval': evaluation | 'DropEvalKeys' >> beam.Values(),
-        'dead_letters': parsed[ParseRow.DEAD_LETTER],
+        'dead_letters': parsed[csv_io.ParseRow.DEAD_LETTER],
     }
 
 
@@ -180,9 +128,10 @@ def build_preprocessing(pipeline: beam.Pipeline, file_pattern: str,
   from transforms import preprocessing
 
   split = (pipeline
-           | 'ReadCsv' >> ReadCsvRows(file_pattern)
+           | 'ReadCsv' >> csv_io.ReadCsvRows(file_pattern)
            | 'ParseAndSplit' >> ParseAndSplit(eval_percent))
   _ = (split['dead_letters']
+       | 'DumpDeadLetters' >> beam.Map(json.dumps)
        | 'WriteDeadLetters' >> beam.io.WriteToText(
            os.path.join(output_dir, 'dead_letters', 'rows'),
            file_name_suffix='.jsonl'))
@@ -216,7 +165,7 @@ def build_preprocessing(pipeline: beam.Pipeline, file_pattern: str,
 
 def _counter(result, name: str) -> int:
   found = result.metrics().query(
-      MetricsFilter().with_namespace(METRICS_NAMESPACE).with_name(name))
+      MetricsFilter().with_namespace(csv_io.METRICS_NAMESPACE).with_name(name))
   return int(sum(c.committed or 0 for c in found['counters']))
 
 
