@@ -42,14 +42,12 @@ import uuid
 import xml.etree.ElementTree as ET
 from typing import Any, Mapping
 
-from runners.tools import alive
+from runners.tools import (CACHE_ROOT, RUN_DIR, RunnerSetupError, alive,
+                           free_port, require_tool)
 
 _LOGGER = logging.getLogger(__name__)
 
 POM = pathlib.Path(__file__).with_name('pom.xml')
-CACHE_ROOT = pathlib.Path(
-    os.environ.get('RTML_CACHE_DIR', '~/.cache/rtml')).expanduser()
-RUN_DIR = CACHE_ROOT / 'run'
 STATE_FILE = RUN_DIR / 'kafka.json'
 DEFAULT_DATA_DIR = RUN_DIR / 'kafka-data'
 HOST = '127.0.0.1'
@@ -58,7 +56,7 @@ JVM_OPTS = ('-Xms128m', '-Xmx512m', '-XX:+UseG1GC',
             '-XX:MaxGCPauseMillis=20', '-Djava.awt.headless=true')
 
 
-class KafkaBrokerError(RuntimeError):
+class KafkaBrokerError(RunnerSetupError):
   """The local broker could not be fetched, started or stopped."""
 
 
@@ -69,17 +67,6 @@ def kafka_version() -> str:
   if version is None or not version.text:
     raise KafkaBrokerError(f'no <kafka.version> in {POM}')
   return version.text.strip()
-
-
-def _require(tool: str, purpose: str) -> str:
-  path = shutil.which(tool)
-  if not path:
-    raise KafkaBrokerError(
-        f'`{tool}` was not found on PATH; it is needed to {purpose}. '
-        'Install a JDK 17+ and Apache Maven (e.g. `apt-get install '
-        'openjdk-17-jdk-headless maven`), or point KAFKA_BOOTSTRAP_SERVERS '
-        'at an existing broker.')
-  return path
 
 
 def fetch_jars(version: str | None = None) -> pathlib.Path:
@@ -93,7 +80,8 @@ def fetch_jars(version: str | None = None) -> pathlib.Path:
   libs = CACHE_ROOT / 'kafka' / version / 'libs'
   if (libs / f'kafka_2.13-{version}.jar').is_file():
     return libs
-  mvn = _require('mvn', 'download the Kafka broker jars')
+  mvn = require_tool('mvn', 'download the Kafka broker jars (or set '
+                     'KAFKA_BOOTSTRAP_SERVERS to an existing broker)')
   libs.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix='libs-', dir=libs.parent))
   _LOGGER.info('Fetching Kafka %s jars into %s', version, libs)
@@ -110,13 +98,6 @@ def fetch_jars(version: str | None = None) -> pathlib.Path:
   except OSError:  # Another process won the race; its copy is complete.
     shutil.rmtree(tmp, ignore_errors=True)
   return libs
-
-
-def free_port(host: str = HOST) -> int:
-  """A TCP port that is free right now (the usual bind-to-0 trick)."""
-  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-    s.bind((host, 0))
-    return s.getsockname()[1]
 
 
 def _server_properties(data_dir: pathlib.Path, port: int,
@@ -311,7 +292,8 @@ class KafkaBroker:
 
   def start(self) -> 'KafkaBroker':
     """Fetches the jars if needed, formats storage, starts and waits."""
-    java = _require('java', 'run the Kafka broker')
+    java = require_tool('java', 'run the Kafka broker (or set '
+                        'KAFKA_BOOTSTRAP_SERVERS to an existing broker)')
     libs = fetch_jars()
     classpath = str(libs / '*')
     self.data_dir.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ import logging
 import sys
 
 from runners import kafka
+from runners.tools import RunnerSetupError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
       state = kafka.status()
       print(json.dumps(state, indent=2))
       return 0 if state['running'] else 3
-  except kafka.KafkaBrokerError as e:
+  except RunnerSetupError as e:  # includes KafkaBrokerError
     print(f'error: {e}', file=sys.stderr)
     return 2
   return 0
