@@ -20,7 +20,6 @@ import glob
 import json
 import os
 import pathlib
-import time
 import uuid
 import zipfile
 
@@ -42,6 +41,7 @@ from runners import flink, prism
 from runners import options as runner_options
 from runners.options import RunnerOptionsError, get_flag, resolve
 from runners.tools import REPO_ROOT, RunnerSetupError
+from tests.topics import TopicReader
 
 TRIPS = str(REPO_ROOT / 'data' / 'taxi_trips.csv')
 PAYMENT_COLUMN = 13
@@ -444,27 +444,6 @@ def test_flink_training_equals_direct_runner(flink_training):
           for path in dead for line in open(path)] == ['too many columns']
 
 
-class _Topic:
-  """Reads a topic from its start into ``self.items``."""
-
-  def __init__(self, bootstrap: str, topic: str):
-    from kafka import KafkaConsumer
-    self.items = []
-    self._consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap,
-                                   auto_offset_reset='earliest',
-                                   consumer_timeout_ms=500)
-
-  def until(self, expected: int, timeout_s: float) -> list:
-    deadline = time.monotonic() + timeout_s
-    while len(self.items) < expected and time.monotonic() < deadline:
-      for message in self._consumer:
-        self.items.append(json.loads(message.value))
-    return self.items
-
-  def close(self) -> None:
-    self._consumer.close()
-
-
 @_HARNESS_HANG_UP
 def test_flink_streaming_serving_on_kafka_equals_batch_predictions(
     flink_training, kafka_bootstrap, kafka_topic, flink_job_servers):
@@ -486,8 +465,8 @@ def test_flink_streaming_serving_on_kafka_equals_batch_predictions(
       '--output_topic', topics['predictions'],
       '--dead_letter_topic', topics['dlq'], '--model_dir', model_root,
       '--group_id', f'serve-{uuid.uuid4().hex[:8]}'])
-  predictions = _Topic(kafka_bootstrap, topics['predictions'])
-  dead_letters = _Topic(kafka_bootstrap, topics['dlq'])
+  predictions = TopicReader(kafka_bootstrap, topics['predictions'])
+  dead_letters = TopicReader(kafka_bootstrap, topics['dlq'])
   try:
     replay.replay(events[:30], topics['trips'], kafka_bootstrap)
     producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)

@@ -18,7 +18,6 @@ import uuid
 
 import numpy as np
 import pytest
-from kafka import KafkaConsumer
 from kafka import KafkaProducer
 
 from models import export
@@ -27,6 +26,7 @@ from pipelines import replay
 from pipelines import serve
 from pipelines import train
 from runners import kafka as kafka_runner
+from tests.topics import TopicReader
 from transforms import records as R
 
 BAD_EVENTS = [
@@ -39,29 +39,6 @@ BAD_EVENTS = [
 PHASE_SIZES = (120, 100, 60)
 # Phase 2 lasts until version 2 is seen serving; at most this many events.
 PHASE2_MAX = 400
-
-
-class _Collector:
-  """Reads a topic from its start, across phases, into ``self.items``."""
-
-  def __init__(self, bootstrap, topic):
-    self.items = []
-    self._consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap,
-                                   auto_offset_reset='earliest',
-                                   consumer_timeout_ms=500)
-
-  def until(self, expected, timeout_s, done=None):
-    """Reads until ``expected`` items, ``done(items)`` or the timeout."""
-    deadline = time.monotonic() + timeout_s
-    while len(self.items) < expected and time.monotonic() < deadline:
-      for message in self._consumer:
-        self.items.append(json.loads(message.value))
-      if done is not None and done(self.items):
-        break
-    return self.items
-
-  def close(self):
-    self._consumer.close()
 
 
 @pytest.fixture(scope='module')
@@ -90,8 +67,8 @@ def scenario(tmp_path_factory, kafka_bootstrap):
       '--dead_letter_topic', topics['dlq'],
       '--model_dir', model_root, '--model_poll_secs', '0.5',
       '--group_id', f'serve-{suffix}', '--runner', 'prism'])
-  predictions = _Collector(kafka_bootstrap, topics['predictions'])
-  dead_letters = _Collector(kafka_bootstrap, topics['dlq'])
+  predictions = TopicReader(kafka_bootstrap, topics['predictions'])
+  dead_letters = TopicReader(kafka_bootstrap, topics['dlq'])
   try:
     # Phase 1: version 1, with malformed events in the middle.
     half = len(phases[0]) // 2
