@@ -51,6 +51,7 @@ from apache_beam.options.pipeline_options import StandardOptions
 from runners import options as runner_options
 from transforms import csv_io
 from transforms import features as F
+from transforms import decode
 from transforms import kafka_io
 from transforms import monitoring
 from transforms import stats as feature_stats
@@ -206,7 +207,7 @@ def read_kafka_records(pipeline, opts: AnalyticsOptions):
               max_out_of_orderness_s=(kafka.max_out_of_orderness or
                                       DEFAULT_MAX_OUT_OF_ORDERNESS)),
           consumer_config=kafka.consumer_config)
-      | 'DecodeTrips' >> kafka_io.DecodeEvents())
+      | 'DecodeTrips' >> decode.DecodeEvents())
   return events.records, events.dead_letters
 
 

@@ -57,6 +57,7 @@ from models import export
 from models import serving
 from runners import options as runner_options
 from transforms import features as F
+from transforms import decode
 from transforms import kafka_io
 from transforms.records import Record
 
@@ -223,7 +224,7 @@ def build(pipeline: beam.Pipeline, opts: ServeOptions) -> dict[str, Any]:
           checkpoint_interval_s=opts.bundle_secs,
           poll_timeout_s=min(1.0, opts.bundle_secs),
           consumer_config=kafka.consumer_config)
-      | 'ParseEvents' >> kafka_io.DecodeEvents(with_source=True))
+      | 'ParseEvents' >> decode.DecodeEvents(with_source=True))
   scored = (events.records
             | 'AttachContext' >> beam.Map(attach_context)
             | 'Predict' >> Predict(

@@ -30,6 +30,7 @@ from apache_beam.utils.timestamp import Timestamp
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from pipelines import replay
+from transforms import decode
 from transforms import kafka_io
 from transforms.features import EVENT_TIME_KEY
 
@@ -213,8 +214,8 @@ def test_event_time_from_json_field_or_none():
 def test_dead_letter_keeps_the_exact_bytes_and_the_reasons():
   garbage = b'\xff\xfe{"fare": \x00'
   record = kafka_io.KafkaRecord('trips', 3, 42, b'k\xff', garbage, 1234)
-  with pytest.raises(kafka_io.records.InvalidRecord) as e:
-    kafka_io.decode_event(record)
+  with pytest.raises(decode.records.InvalidRecord) as e:
+    decode.decode_event(record)
   letter = kafka_io.dead_letter(record, e.value.to_dicts())
   assert json.loads(json.dumps(letter)) == letter  # valid JSON
   assert base64.b64decode(letter['value_base64']) == garbage
@@ -473,7 +474,7 @@ def test_malformed_records_go_to_the_dead_letter_topic(
     decoded = (p
                | 'ReadTrips' >> kafka_io.ReadFromKafka(kafka_bootstrap, topic,
                                                        bounded=True)
-               | 'DecodeTrips' >> kafka_io.DecodeEvents(with_keys=True))
+               | 'DecodeTrips' >> decode.DecodeEvents(with_keys=True))
     assert_that(decoded.records | 'Keys' >> beam.Map(lambda kv: kv[0]),
                 equal_to([k.decode() for k, _ in good]))
     _ = decoded.dead_letters | 'WriteDeadLetters' >> kafka_io.WriteDeadLetters(

@@ -126,7 +126,6 @@ from apache_beam.utils.timestamp import (MAX_TIMESTAMP, MIN_TIMESTAMP,
                                          Duration, Timestamp)
 from apache_beam.utils.windowed_value import WindowedValue
 
-from transforms import records
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -1179,88 +1178,6 @@ def _json_safe(error: dict[str, Any]) -> dict[str, Any]:
     return {**error, 'value': repr(error.get('value'))}
 
 
-def decode_event(record: KafkaRecord,
-                 require_label: bool = False) -> records.Record:
-  """A Kafka record's value as a validated ``records.Record``.
-
-  Raises:
-    records.InvalidRecord: with the reasons, field by field.
-  """
-  if record.value is None:
-    raise records.InvalidRecord(
-        [records.FieldError('*', None, 'null value (tombstone)')])
-  return records.parse_json_bytes(record.value, require_label=require_label)
-
-
-class _DecodeEventsFn(beam.DoFn):
-
-  def __init__(self, require_label: bool, with_keys: bool,
-               metrics_namespace: str, with_source: bool = False):
-    self._require_label = require_label
-    self._with_keys = with_keys
-    self._with_source = with_source
-    self._decoded = Metrics.counter(metrics_namespace, 'events_decoded')
-    self._dead = Metrics.counter(metrics_namespace, 'events_dead_lettered')
-
-  def process(self, record: KafkaRecord):
-    try:
-      parsed = decode_event(record, self._require_label)
-    except records.InvalidRecord as e:
-      errors = e.to_dicts()
-    except Exception as e:  # pylint: disable=broad-except
-      # Nothing may crash the pipeline or vanish: unexpected failures are
-      # dead letters too, with the exception as the reason.
-      errors = [{'field': '*', 'value': None,
-                 'reason': f'{type(e).__name__}: {e}'}]
-    else:
-      self._decoded.inc()
-      if self._with_source:
-        yield record._replace(value=None), parsed
-      elif self._with_keys:
-        key = (record.key.decode('utf-8', errors='replace')
-               if record.key is not None else None)
-        yield key, parsed
-      else:
-        yield parsed
-      return
-    self._dead.inc()
-    yield beam.pvalue.TaggedOutput(DecodeEvents.DEAD_LETTERS,
-                                   dead_letter(record, errors))
-
-
-class DecodeEvents(beam.PTransform):
-  """KafkaRecords -> ``records.Record``s, plus a ``dead_letters`` output.
-
-  Every input lands in exactly one output (``events_decoded`` +
-  ``events_dead_lettered`` = records in). Dead letters are dicts from
-  ``dead_letter`` (JSON-serializable) and keep the input's event time.
-
-  Args:
-    require_label: events without a valid label are dead letters.
-    with_keys: emit ``(kafka key as str, Record)`` instead of ``Record``.
-    with_source: emit ``(KafkaRecord without its value, Record)``: the key,
-      topic, partition, offset and timestamp travel with the record (serving
-      stamps them on predictions).
-
-  Returns (from ``expand``): a tuple with ``.records`` and ``.dead_letters``.
-  """
-  RECORDS = 'records'
-  DEAD_LETTERS = 'dead_letters'
-
-  def __init__(self, require_label: bool = False, with_keys: bool = False,
-               with_source: bool = False):
-    super().__init__()
-    self._require_label = require_label
-    self._with_keys = with_keys
-    self._with_source = with_source
-
-  def expand(self, pcoll):
-    return pcoll | 'ParseJson' >> beam.ParDo(_DecodeEventsFn(
-        self._require_label, self._with_keys, METRICS_NAMESPACE,
-        with_source=self._with_source)).with_outputs(
-            self.DEAD_LETTERS, main=self.RECORDS)
-
-
 class WriteDeadLetters(beam.PTransform):
   """Writes dead-letter dicts to a topic, keyed ``topic-partition-offset``."""
 
@@ -1278,9 +1195,9 @@ class WriteDeadLetters(beam.PTransform):
 
 
 __all__ = [
-    'DecodeEvents', 'JsonFieldEventTime', 'KafkaRecord',
+    'JsonFieldEventTime', 'KafkaRecord',
     'PartitionWatermarkEstimator', 'PeerWatermarks', 'ReadFromKafka',
     'WatermarkPolicy', 'WriteDeadLetters', 'WriteToKafka', 'bootstrap_servers',
-    'dead_letter', 'decode_event', 'event_time_fn', 'kafka_timestamp',
+    'dead_letter', 'event_time_fn', 'kafka_timestamp',
     'resolve_partitions',
 ]
