@@ -1,0 +1,51 @@
+"""A Python-native Kafka source and sink for Beam, built on kafka-python.
+
+Why not ``apache_beam.io.kafka``: that is a cross-language transform that
+needs a Java expansion service and a Java SDK harness on every worker. This
+package is plain Python (a splittable ``DoFn`` plus a producer ``DoFn``), so it
+runs unchanged on the DirectRunner, Prism, Flink (portable) and Dataflow.
+
+Modules (each imports only those above it; none imports the rest of the
+project, ``transforms.decode`` decodes the records):
+
+* ``record``: ``KafkaRecord``, ``METRICS_NAMESPACE``.
+* ``options``: ``KafkaOptions`` (the shared flags), ``bootstrap_servers``.
+* ``event_time``: a record's event time.
+* ``watermarks``: per-partition watermarks (``WatermarkPolicy``).
+* ``partitions``: the partitions and offsets of a read; offset commits.
+* ``read_partitions``: the splittable DoFn reading a partition.
+* ``reader``: ``ReadFromKafka``; delivery guarantees.
+* ``writer``: ``WriteToKafka``.
+* ``dead_letters``: ``dead_letter``, ``WriteDeadLetters``.
+
+Example::
+
+    events = (p
+              | 'ReadTrips' >> kafka_io.ReadFromKafka(
+                  'broker:9092', ['trips'], group_id='serve',
+                  event_time=features.EVENT_TIME_KEY)
+              | 'DecodeTrips' >> decode.DecodeEvents())
+    events.dead_letters | 'WriteDeadLetters' >> kafka_io.WriteDeadLetters(
+        'broker:9092', 'trips-dead-letters')
+"""
+
+from apache_beam.utils.timestamp import MIN_TIMESTAMP
+
+from transforms.kafka_io.dead_letters import WriteDeadLetters, dead_letter
+from transforms.kafka_io.event_time import (EventTimeFn, JsonFieldEventTime,
+                                            event_time_fn, kafka_timestamp)
+from transforms.kafka_io.options import KafkaOptions, bootstrap_servers
+from transforms.kafka_io.partitions import UNBOUNDED_STOP, resolve_partitions
+from transforms.kafka_io.reader import ReadFromKafka
+from transforms.kafka_io.record import METRICS_NAMESPACE, KafkaRecord
+from transforms.kafka_io.watermarks import (PartitionWatermarkEstimator,
+                                            PeerWatermarks, WatermarkPolicy)
+from transforms.kafka_io.writer import WriteToKafka
+
+__all__ = [
+    'JsonFieldEventTime', 'KafkaRecord',
+    'PartitionWatermarkEstimator', 'PeerWatermarks', 'ReadFromKafka',
+    'WatermarkPolicy', 'WriteDeadLetters', 'WriteToKafka', 'bootstrap_servers',
+    'dead_letter', 'event_time_fn', 'kafka_timestamp',
+    'resolve_partitions',
+]

@@ -1,0 +1,66 @@
+"""The Kafka flags the project's pipelines share, and their brokers.
+
+Security: ``consumer_config`` / ``producer_config`` are passed to kafka-python
+as is, e.g. ``{'security_protocol': 'SASL_SSL', 'sasl_mechanism':
+'SCRAM-SHA-512', 'sasl_plain_username': ..., 'sasl_plain_password': ...,
+'ssl_cafile': '/path/ca.pem'}``. They are pickled with the pipeline: pass file
+paths, not ``ssl_context`` objects, and keep secrets out of logs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from apache_beam.options.pipeline_options import (KafkaStreamsRunnerOptions,
+                                                  PipelineOptions)
+
+_BEAM_DEFAULT_BOOTSTRAP = 'localhost:9092'
+
+
+def bootstrap_servers(options: PipelineOptions) -> str:
+  """The brokers a pipeline uses: Beam's own ``--bootstrap_servers`` flag.
+
+  Beam already defines ``--bootstrap_servers`` (in
+  ``KafkaStreamsRunnerOptions``, default ``localhost:9092``), so pipeline
+  options cannot declare a flag of that name; they read it here. When the
+  flag is left at its default, ``$KAFKA_BOOTSTRAP_SERVERS`` wins if set.
+  """
+  flag = options.view_as(KafkaStreamsRunnerOptions).bootstrap_servers
+  if flag == _BEAM_DEFAULT_BOOTSTRAP and os.environ.get(
+      'KAFKA_BOOTSTRAP_SERVERS'):
+    return os.environ['KAFKA_BOOTSTRAP_SERVERS']
+  return flag
+
+
+class KafkaOptions(PipelineOptions):
+  """The Kafka flags every pipeline of the project shares.
+
+  Declared once, here: Beam parses the flags of every registered options
+  class together, and argparse rejects a flag declared twice, so a pipeline
+  that redeclared ``--input_topic`` could not be imported next to another.
+  Defaults marked "per pipeline" are filled in by each pipeline.
+  """
+
+  @classmethod
+  def _add_argparse_args(cls, parser):
+    parser.add_argument('--input_topic', default='trips',
+                        help='Topic of raw JSON trip events.')
+    parser.add_argument('--output_topic', default=None,
+                        help='Topic the job writes (default per pipeline).')
+    parser.add_argument('--dead_letter_topic', default='trips-dlq',
+                        help='Topic of events that failed, with reasons.')
+    parser.add_argument('--group_id', default=None,
+                        help='Consumer group whose committed offsets a '
+                        'restarted job resumes from (default per pipeline).')
+    parser.add_argument('--start', choices=['earliest', 'latest'],
+                        default='earliest',
+                        help='Where to start without a committed offset.')
+    parser.add_argument('--max_out_of_orderness', type=float, default=None,
+                        help='Seconds: a partition\'s watermark is the max '
+                        'event time seen minus this (default per pipeline).')
+    parser.add_argument('--consumer_config', type=json.loads, default={},
+                        help='JSON of extra kafka-python consumer settings '
+                        '(security_protocol, sasl_*, ssl_*...).')
+    parser.add_argument('--producer_config', type=json.loads, default={},
+                        help='JSON of extra kafka-python producer settings.')

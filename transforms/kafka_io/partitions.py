@@ -1,0 +1,234 @@
+"""What a read covers: its config, its partitions and their offsets.
+
+``resolve_partitions`` turns a ``_ReadConfig`` into one (topic, partition,
+start, stop) element per partition at launch; ``_PartitionOffsetTracker``
+tracks the offsets of one such element while it is read,
+``_OffsetCommitter`` commits the group's offsets behind it, and ``_peers``
+is the ``PeerWatermarks`` of the read's partitions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import time
+from typing import Any, Mapping, Optional
+
+from apache_beam.io.restriction_trackers import OffsetRestrictionTracker
+
+from transforms.kafka_io.watermarks import PeerWatermarks, WatermarkPolicy
+
+# Restriction end of an unbounded partition: offsets never get near it.
+UNBOUNDED_STOP = 2**63 - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class _ReadConfig:
+  bootstrap_servers: str
+  topics: tuple[str, ...]
+  partitions: Optional[tuple[tuple[str, int], ...]]
+  group_id: Optional[str]
+  commit_offsets: bool
+  auto_offset_reset: str
+  start_offsets: Optional[Mapping[tuple[str, int], int]]
+  start_timestamp_ms: Optional[int]
+  stop_offsets: Optional[Mapping[tuple[str, int], int]]
+  stop_timestamp_ms: Optional[int]
+  bounded: bool
+  event_time: Any
+  watermark: WatermarkPolicy
+  poll_timeout_s: float
+  resume_delay_s: float
+  checkpoint_interval_s: float
+  max_poll_records: int
+  consumer_config: Mapping[str, Any]
+  metrics_namespace: str
+  reader_id: str  # unique per ReadFromKafka: keys its PeerWatermarks
+
+  @property
+  def commits(self) -> bool:
+    return bool(self.group_id) and self.commit_offsets
+
+  @property
+  def finite(self) -> bool:
+    return (self.bounded or self.stop_offsets is not None or
+            self.stop_timestamp_ms is not None)
+
+  def consumer(self, defaults: Optional[Mapping[str, Any]] = None,
+               **overrides) -> Any:
+    """A kafka-python consumer that never joins a group or auto-commits.
+
+    Precedence: ``overrides`` > ``consumer_config`` > ``defaults``.
+    """
+    from kafka import KafkaConsumer
+    config = {
+        'bootstrap_servers': self.bootstrap_servers,
+        'enable_auto_commit': False,
+        'client_id': 'rtml-beam-reader',
+    }
+    config.update(defaults or {})
+    config.update(self.consumer_config)
+    config.update(overrides)
+    return KafkaConsumer(**config)
+
+
+def _per_partition(value: Any, tp: tuple[str, int]) -> Optional[int]:
+  if value is None:
+    return None
+  if isinstance(value, Mapping):
+    return value.get(tp)
+  return int(value)
+
+
+def resolve_partitions(config: _ReadConfig) -> list[tuple[str, int, int, int]]:
+  """(topic, partition, start offset, stop offset) for every partition.
+
+  Runs once at pipeline launch (in the ``DiscoverPartitions`` step). The
+  stop offset is ``UNBOUNDED_STOP`` for an unbounded read.
+  """
+  from kafka import TopicPartition
+  consumer = config.consumer(group_id=config.group_id,
+                             client_id='rtml-beam-discovery')
+  try:
+    if config.partitions is not None:
+      tps = [TopicPartition(t, p) for t, p in config.partitions]
+    else:
+      tps = []
+      for topic in config.topics:
+        found = _wait_for_partitions(consumer, topic)
+        tps.extend(TopicPartition(topic, p) for p in sorted(found))
+    beginning = consumer.beginning_offsets(tps)
+    end = consumer.end_offsets(tps)
+    committed = {}
+    if config.group_id:
+      for tp in tps:
+        committed[tp] = consumer.committed(tp)
+    start_times = stop_times = {}
+    if config.start_timestamp_ms is not None:
+      start_times = consumer.offsets_for_times(
+          {tp: config.start_timestamp_ms for tp in tps})
+    if config.stop_timestamp_ms is not None:
+      stop_times = consumer.offsets_for_times(
+          {tp: config.stop_timestamp_ms for tp in tps})
+  finally:
+    consumer.close()
+
+  specs = []
+  for tp in tps:
+    key = (tp.topic, tp.partition)
+    start = _per_partition(config.start_offsets, key)
+    if start is None and config.start_timestamp_ms is not None:
+      found = start_times.get(tp)
+      start = found.offset if found is not None else end[tp]
+    if start is None and committed.get(tp) is not None:
+      start = committed[tp]
+    if start is None:
+      start = (beginning[tp] if config.auto_offset_reset == 'earliest'
+               else end[tp])
+    start = max(start, beginning[tp])  # older records were deleted
+    stop = _per_partition(config.stop_offsets, key)
+    if stop is None and config.stop_timestamp_ms is not None:
+      found = stop_times.get(tp)
+      stop = found.offset if found is not None else end[tp]
+    if stop is None and config.bounded:
+      stop = end[tp]
+    if stop is None:
+      stop = UNBOUNDED_STOP
+    specs.append((tp.topic, tp.partition, start, max(start, stop)))
+  return specs
+
+
+def _wait_for_partitions(consumer: Any, topic: str,
+                         timeout_s: float = 30.0) -> set[int]:
+  deadline = time.monotonic() + timeout_s
+  while True:
+    found = consumer.partitions_for_topic(topic)
+    if found:
+      return found
+    if time.monotonic() > deadline:
+      raise ValueError(f'Kafka topic {topic!r} does not exist (or has no '
+                       f'partitions) on {consumer.config["bootstrap_servers"]}')
+    time.sleep(0.2)
+
+
+def _peers(config: _ReadConfig) -> PeerWatermarks:
+  # A partition reports at least every poll + checkpoint; allow for slow
+  # scheduling before a silent partition stops holding the others back.
+  ttl = max(60.0, 20 * (config.poll_timeout_s + config.checkpoint_interval_s +
+                        config.resume_delay_s))
+  return PeerWatermarks(config.reader_id, ttl)
+
+
+class _OffsetCommitter:
+  """Commits group offsets; one per (brokers, group) per worker process.
+
+  Commits only move forward, so a late finalization callback cannot rewind
+  a partition that a later bundle already committed further.
+  """
+  _instances: dict[tuple, '_OffsetCommitter'] = {}
+  _instances_lock = threading.Lock()
+
+  def __init__(self, config: _ReadConfig):
+    self._config = config
+    self._consumer = None
+    self._committed: dict[tuple[str, int], int] = {}
+    self._lock = threading.Lock()
+
+  @classmethod
+  def get(cls, config: _ReadConfig) -> '_OffsetCommitter':
+    key = (config.bootstrap_servers, config.group_id,
+           json.dumps(config.consumer_config, sort_keys=True, default=repr))
+    with cls._instances_lock:
+      if key not in cls._instances:
+        cls._instances[key] = cls(config)
+      return cls._instances[key]
+
+  @classmethod
+  def close_all(cls) -> None:
+    """Closes idle commit consumers (they reconnect on the next commit)."""
+    with cls._instances_lock:
+      committers = list(cls._instances.values())
+    for committer in committers:
+      committer.close()
+
+  def close(self) -> None:
+    with self._lock:
+      if self._consumer is not None:
+        self._consumer.close(autocommit=False)
+        self._consumer = None
+
+  def commit(self, topic: str, partition: int, offset: int) -> bool:
+    """Commits ``offset`` (the next offset to read); False if not newer."""
+    from kafka import TopicPartition
+    from kafka.structs import OffsetAndMetadata
+    with self._lock:
+      if self._committed.get((topic, partition), -1) >= offset:
+        return False
+      if self._consumer is None:
+        self._consumer = self._config.consumer(
+            group_id=self._config.group_id, client_id='rtml-beam-committer')
+      self._consumer.commit({
+          TopicPartition(topic, partition): OffsetAndMetadata(offset, '', -1)})
+      self._committed[(topic, partition)] = offset
+      return True
+
+
+class _PartitionOffsetTracker(OffsetRestrictionTracker):
+  """Offsets of one partition, split only to checkpoint.
+
+  A fractional split of ``[n, 2**63-1)`` would invent offsets far beyond the
+  log; sub-ranges of one partition read in parallel could commit a later
+  offset before an earlier range finished, and would break the one bundle
+  after another order ``PeerWatermarks`` relies on. Kafka's unit of
+  parallelism is the partition, so ranges only accept checkpoints
+  (``fraction_of_remainder == 0``).
+  """
+
+  def try_split(self, fraction_of_remainder):
+    if fraction_of_remainder > 0:
+      return None
+    return super().try_split(fraction_of_remainder)
+
+  def is_bounded(self) -> bool:
+    return self.current_restriction().stop != UNBOUNDED_STOP

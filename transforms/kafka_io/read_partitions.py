@@ -1,0 +1,265 @@
+"""The splittable DoFn of ``ReadFromKafka``: reads partitions' offsets.
+
+Each element is one (topic, partition, start offset, stop offset) from
+``partitions.resolve_partitions``. Its restriction is an ``OffsetRange`` of
+offsets: ``[start, 2**63-1)`` when unbounded. The reader polls, claims each
+offset, and checkpoints (``defer_remainder``) when nothing arrived within
+``poll_timeout_s`` or after ``checkpoint_interval_s`` of reading, so the
+runner commits the output and resumes the partition later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+from typing import Any, Iterator
+
+import apache_beam as beam
+from apache_beam.io.restriction_trackers import OffsetRange
+from apache_beam.metrics import Metrics
+from apache_beam.transforms.core import (RestrictionProvider,
+                                         WatermarkEstimatorProvider)
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.timestamp import Duration
+from apache_beam.utils.windowed_value import WindowedValue
+
+from transforms.kafka_io.event_time import (_MAX_EVENT_MS,
+                                            _valid_event_seconds,
+                                            event_time_fn, kafka_timestamp)
+from transforms.kafka_io.partitions import (UNBOUNDED_STOP, _OffsetCommitter,
+                                            _PartitionOffsetTracker, _peers,
+                                            _ReadConfig)
+from transforms.kafka_io.record import _new_record
+from transforms.kafka_io.watermarks import PartitionWatermarkEstimator
+
+_LOGGER = logging.getLogger(__name__)
+_GLOBAL_WINDOWS = (GlobalWindow(),)
+
+
+@dataclasses.dataclass
+class _ReadProgress:
+  next_offset: int
+  emitted: int = 0
+  fallbacks: int = 0
+
+
+class _ReadPartitionsFn(beam.DoFn, RestrictionProvider,
+                        WatermarkEstimatorProvider):
+  """Reads the offsets of one partition (element: topic, partition, start,
+  stop) as ``KafkaRecord``s, timestamped by event time."""
+
+  # Consumers kept per DoFn instance, by partition: a resumed partition
+  # usually finds its consumer positioned with records prefetched.
+  MAX_CONSUMERS = 32
+
+  def __init__(self, config: _ReadConfig):
+    self._config = config
+    self._event_time = event_time_fn(config.event_time)
+    ns = config.metrics_namespace
+    self._records = Metrics.counter(ns, 'records_read')
+    self._fallbacks = Metrics.counter(ns, 'event_time_fallback')
+    self._future = Metrics.counter(ns, 'event_time_in_future')
+    self._commit_failures = Metrics.counter(ns, 'offset_commit_failures')
+    self._consumers: dict[tuple[str, int], Any] = {}
+    self._leftovers: dict[tuple[str, int], list] = {}
+
+  # RestrictionProvider
+  def initial_restriction(self, element) -> OffsetRange:
+    _, _, start, stop = element
+    return OffsetRange(start, stop)
+
+  def create_tracker(self, restriction) -> _PartitionOffsetTracker:
+    return _PartitionOffsetTracker(restriction)
+
+  def restriction_size(self, element, restriction) -> float:
+    if restriction.stop != UNBOUNDED_STOP:
+      return max(0, restriction.stop - restriction.start)
+    consumer = self._consumers.get((element[0], element[1]))
+    if consumer is not None:  # backlog from the last fetch, best effort
+      from kafka import TopicPartition
+      high = consumer.highwater(TopicPartition(element[0], element[1]))
+      if high is not None:
+        return max(0, high - restriction.start)
+    return 1
+
+  # WatermarkEstimatorProvider
+  def initial_estimator_state(self, element, restriction):
+    return PartitionWatermarkEstimator.initial_state((element[0], element[1]))
+
+  def create_watermark_estimator(self, estimator_state):
+    return PartitionWatermarkEstimator(
+        estimator_state, self._config.watermark, _peers(self._config))
+
+  def setup(self):
+    self._consumers = {}
+    self._leftovers = {}
+
+  def teardown(self):
+    self._leftovers = {}
+    for consumer in self._consumers.values():
+      try:
+        consumer.close(autocommit=False)
+      except Exception:  # pylint: disable=broad-except
+        pass
+    self._consumers = {}
+    if self._config.commits:
+      _OffsetCommitter.close_all()
+
+  def _consumer_at(self, topic: str, partition: int, offset: int) -> Any:
+    from kafka import TopicPartition
+    tp = TopicPartition(topic, partition)
+    consumer = self._consumers.get((topic, partition))
+    if consumer is None:
+      if len(self._consumers) >= self.MAX_CONSUMERS:
+        _, oldest = self._consumers.popitem()
+        oldest.close(autocommit=False)
+      consumer = self._config.consumer(
+          # kafka-python sleeps retry_backoff_ms whenever a poll finds
+          # nothing in flight (e.g. the first polls of a new consumer).
+          defaults={'retry_backoff_ms': 20},
+          group_id=None, auto_offset_reset='earliest',
+          max_poll_records=self._config.max_poll_records)
+      consumer.assign([tp])
+      consumer.seek(tp, offset)
+      self._consumers[(topic, partition)] = consumer
+    elif consumer.position(tp) != offset:
+      consumer.seek(tp, offset)
+    return consumer
+
+  def process(self, element, tracker=beam.DoFn.RestrictionParam(),
+              watermark=beam.DoFn.WatermarkEstimatorParam()):
+    yield from self._read(element, tracker, watermark, None)
+
+  def _read(self, element, tracker, watermark, finalizer):
+    """Reads from the restriction's start until it ends or checkpoints."""
+    topic, partition, initial_start, _ = element
+    restriction = tracker.current_restriction()
+    committer = (_OffsetCommitter.get(self._config)
+                 if self._config.commits else None)
+    if committer and restriction.start > initial_start:
+      # Resumed from a checkpoint: the bundle that read everything before
+      # `start` is committed (works where bundles are never finalized).
+      self._commit(committer, topic, partition, restriction.start)
+    watermark.begin_read()
+    progress = _ReadProgress(next_offset=restriction.start)
+    try:
+      yield from self._poll(topic, partition, tracker, watermark, progress)
+    finally:
+      self._records.inc(progress.emitted)
+      if progress.fallbacks:
+        self._fallbacks.inc(progress.fallbacks)
+      future = watermark.take_future_events()
+      if future:
+        self._future.inc(future)
+    if finalizer is not None:
+      # Only reached when the read ended normally. Registered for every
+      # bundle (Prism finalizes them all); commits only move forward.
+      finalizer.register(functools.partial(
+          self._commit, committer, topic, partition, progress.next_offset))
+
+  def _poll(self, topic: str, partition: int, tracker, watermark,
+            progress: '_ReadProgress') -> Iterator[WindowedValue]:
+    from kafka import TopicPartition
+    config = self._config
+    restriction = tracker.current_restriction()
+    tp = TopicPartition(topic, partition)
+    batch = self._take_leftover(topic, partition, restriction.start)
+    consumer = self._consumer_at(
+        topic, partition, batch[-1].offset + 1 if batch else restriction.start)
+    event_time = self._event_time
+    kafka_time = event_time is kafka_timestamp
+    timeout_ms = int(config.poll_timeout_s * 1000)
+    checkpoints = config.commits or not tracker.is_bounded()
+    deadline = time.monotonic() + config.checkpoint_interval_s
+    while True:
+      if not batch:
+        if consumer.position(tp) >= restriction.stop:
+          # Range done (checked before polling: a poll at the end of a
+          # bounded range would only wait out its timeout).
+          tracker.try_claim(restriction.stop)
+          return
+        batch = consumer.poll(timeout_ms=timeout_ms).get(tp)
+      if not batch:
+        position = consumer.position(tp)
+        high = consumer.highwater(tp)
+        watermark.on_empty_poll(high is not None and position >= high)
+        tracker.defer_remainder(Duration.of(config.resume_delay_s))
+        return
+      watermark.begin_batch()
+      for i, msg in enumerate(batch):
+        if not tracker.try_claim(msg.offset):
+          return
+        record = _new_record((msg.topic, msg.partition, msg.offset, msg.key,
+                              msg.value, msg.timestamp))
+        if kafka_time and 0 <= msg.timestamp <= _MAX_EVENT_MS:
+          seconds = msg.timestamp / 1000.0  # the common case, inlined
+        else:
+          seconds = event_time(record)
+          if not _valid_event_seconds(seconds):
+            progress.fallbacks += 1
+            seconds = (msg.timestamp / 1000.0
+                       if 0 <= msg.timestamp <= _MAX_EVENT_MS else time.time())
+        # A WindowedValue skips the per-element window assignment of a
+        # TimestampedValue: the read starts from an Impulse, in the global
+        # window.
+        yield WindowedValue(record, seconds, _GLOBAL_WINDOWS)
+        progress.next_offset = msg.offset + 1
+        progress.emitted += 1
+        if checkpoints and time.monotonic() >= deadline:
+          # Let the runner commit the output (and finalize: commit the
+          # offsets) before reading on; keep the rest of the batch for the
+          # resumed restriction (usually on this DoFn instance).
+          self._leftovers[(topic, partition)] = batch[i + 1:]
+          tracker.defer_remainder()
+          return
+      batch = None
+
+  def _take_leftover(self, topic: str, partition: int, start: int) -> list:
+    """Records fetched but not emitted before a checkpoint, if they are the
+    next ones of this restriction."""
+    batch = self._leftovers.pop((topic, partition), None)
+    return batch if batch and batch[0].offset == start else []
+
+  def _commit(self, committer: _OffsetCommitter, topic: str, partition: int,
+              offset: int) -> None:
+    try:
+      committer.commit(topic, partition, offset)
+    except Exception as e:  # pylint: disable=broad-except
+      # A failed commit loses nothing: those records are read again later.
+      self._commit_failures.inc()
+      _LOGGER.warning('Committing offset %d of %s-%d failed: %s', offset,
+                      topic, partition, e)
+
+
+class _ReadUnboundedPartitionsFn(_ReadPartitionsFn):
+  """The same reader, declaring an unbounded output (streaming)."""
+
+  @beam.DoFn.unbounded_per_element()
+  def process(self, element, tracker=beam.DoFn.RestrictionParam(),
+              watermark=beam.DoFn.WatermarkEstimatorParam()):
+    yield from self._read(element, tracker, watermark, None)
+
+
+# Only readers that commit offsets ask for bundle finalization: Prism sends a
+# FinalizeBundle for every bundle of a DoFn that declares it.
+# The finalizer must precede the restriction and watermark parameters: the
+# SDK passes those two by keyword and the placeholders by position.
+
+class _CommittingReadPartitionsFn(_ReadPartitionsFn):
+
+  def process(self, element, finalizer=beam.DoFn.BundleFinalizerParam,
+              tracker=beam.DoFn.RestrictionParam(),
+              watermark=beam.DoFn.WatermarkEstimatorParam()):
+    yield from self._read(element, tracker, watermark, finalizer)
+
+
+class _CommittingReadUnboundedPartitionsFn(_ReadPartitionsFn):
+
+  @beam.DoFn.unbounded_per_element()
+  def process(self, element, finalizer=beam.DoFn.BundleFinalizerParam,
+              tracker=beam.DoFn.RestrictionParam(),
+              watermark=beam.DoFn.WatermarkEstimatorParam()):
+    yield from self._read(element, tracker, watermark, finalizer)
+

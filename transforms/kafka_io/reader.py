@@ -1,0 +1,168 @@
+"""``ReadFromKafka``: Kafka topics as event-timestamped ``KafkaRecord``s.
+
+Reading::
+
+    Impulse -> DiscoverPartitions -> Reshuffle -> ReadPartitions (SDF)
+
+One element per (topic, partition) carries the start offset resolved at launch
+(explicit offsets, a start timestamp, the group's committed offset, or
+``auto_offset_reset``) and an optional stop offset (explicit, a stop
+timestamp, or the end offsets at launch when ``bounded=True``); see
+``read_partitions`` for how a partition is read.
+
+Delivery: with a ``group_id`` (and ``commit_offsets=True``) a restarted
+pipeline resumes from the group's committed offsets. An offset is committed
+only after the runner has committed the bundle that read the records before
+it: in a bundle-finalization callback (``DoFn.BundleFinalizerParam``; the
+FnApiRunner and Prism call it - tested - as does Dataflow) and, for runners
+that never finalize bundles (the Python BundleBasedDirectRunner), when a
+checkpointed partition is resumed (the residual only exists once the bundle
+before it is committed). This is at-least-once: records read after the last
+commit are read again after a restart (``tests/test_kafka_io.py`` kills a
+job with SIGKILL and checks none is lost). Records a runner holds in memory
+downstream (e.g. an unfired window on Prism or the DirectRunner) are only as
+durable as that runner: a cancelled in-memory job loses them although their
+offsets are committed, so keep the sink in the same fused stage as the read
+(as ``WriteToKafka`` and the dead-letter path do) when the runner's state is
+not durable. Offsets are committed with the simple (generation-less) commit
+API, so do not share the group id with subscribing consumers.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
+
+import apache_beam as beam
+
+from transforms.kafka_io.event_time import EventTimeFn
+from transforms.kafka_io.partitions import (_peers, _ReadConfig,
+                                            resolve_partitions)
+from transforms.kafka_io.read_partitions import (
+    _CommittingReadPartitionsFn, _CommittingReadUnboundedPartitionsFn,
+    _ReadPartitionsFn, _ReadUnboundedPartitionsFn)
+from transforms.kafka_io.record import METRICS_NAMESPACE, KafkaRecord
+from transforms.kafka_io.watermarks import WatermarkPolicy
+
+_LOGGER = logging.getLogger(__name__)
+
+
+class _DiscoverPartitions(beam.DoFn):
+
+  def __init__(self, config: _ReadConfig):
+    self._config = config
+
+  def process(self, unused_impulse) -> Iterator[tuple[str, int, int, int]]:
+    specs = resolve_partitions(self._config)
+    _LOGGER.info('Reading %d Kafka partitions: %s', len(specs), specs)
+    _peers(self._config).register((t, p) for t, p, _, _ in specs)
+    yield from specs
+
+
+class ReadFromKafka(beam.PTransform):
+  """Reads Kafka topics as ``KafkaRecord``s with event-time timestamps.
+
+  Args:
+    bootstrap_servers: 'host:port[,host:port]'.
+    topics: topic names (all their partitions at launch are read).
+    partitions: explicit (topic, partition) pairs instead of all partitions.
+    group_id: consumer group whose committed offsets are the start offsets
+      and to which offsets are committed (see module docstring).
+    commit_offsets: commit offsets to ``group_id`` as bundles complete.
+    auto_offset_reset: 'earliest' or 'latest': where to start a partition
+      with no explicit start and no committed offset.
+    start_offsets: an offset for every partition, or {(topic, partition):
+      offset}; wins over everything else.
+    start_timestamp_ms: start at the first record with a timestamp >= this.
+    stop_offsets: stop before this offset (int or per-partition mapping).
+    stop_timestamp_ms: stop before the first record with timestamp >= this
+      (resolved at launch; the end offset if there is none yet).
+    bounded: stop at the end offsets at launch (a batch read).
+    event_time: 'kafka', a JSON field name (Unix seconds), or a callable
+      ``KafkaRecord -> seconds | None``.
+    watermark: the per-partition ``WatermarkPolicy``.
+    poll_timeout_s: how long one poll waits for records.
+    resume_delay_s: after an empty poll, when the runner resumes the
+      partition.
+    checkpoint_interval_s: an unbounded (or committing) read checkpoints this
+      often, so output is committed and offsets are committed.
+    max_poll_records: records per poll.
+    consumer_config: extra kafka-python consumer settings (security...).
+    decode: optional ``KafkaRecord -> value`` applied to every record.
+  """
+
+  def __init__(
+      self,
+      bootstrap_servers: str,
+      topics: Union[str, Sequence[str]] = (),
+      *,
+      partitions: Optional[Sequence[tuple[str, int]]] = None,
+      group_id: Optional[str] = None,
+      commit_offsets: bool = True,
+      auto_offset_reset: str = 'earliest',
+      start_offsets: Union[int, Mapping[tuple[str, int], int], None] = None,
+      start_timestamp_ms: Optional[int] = None,
+      stop_offsets: Union[int, Mapping[tuple[str, int], int], None] = None,
+      stop_timestamp_ms: Optional[int] = None,
+      bounded: bool = False,
+      event_time: Union[str, EventTimeFn] = 'kafka',
+      watermark: WatermarkPolicy = WatermarkPolicy(),
+      poll_timeout_s: float = 1.0,
+      resume_delay_s: float = 0.0,
+      checkpoint_interval_s: float = 2.0,
+      max_poll_records: int = 1000,
+      consumer_config: Optional[Mapping[str, Any]] = None,
+      decode: Optional[Callable[[KafkaRecord], Any]] = None):
+    super().__init__()
+    if isinstance(topics, str):
+      topics = [topics]
+    if not topics and not partitions:
+      raise ValueError('ReadFromKafka needs topics or partitions')
+    if auto_offset_reset not in ('earliest', 'latest'):
+      raise ValueError(f'auto_offset_reset must be earliest or latest, got '
+                       f'{auto_offset_reset!r}')
+    self._config = _ReadConfig(
+        bootstrap_servers=bootstrap_servers,
+        topics=tuple(topics),
+        partitions=(tuple((t, int(p)) for t, p in partitions)
+                    if partitions is not None else None),
+        group_id=group_id,
+        commit_offsets=commit_offsets,
+        auto_offset_reset=auto_offset_reset,
+        start_offsets=(dict(start_offsets) if isinstance(start_offsets, Mapping)
+                       else start_offsets),
+        start_timestamp_ms=start_timestamp_ms,
+        stop_offsets=(dict(stop_offsets) if isinstance(stop_offsets, Mapping)
+                      else stop_offsets),
+        stop_timestamp_ms=stop_timestamp_ms,
+        bounded=bounded,
+        event_time=event_time,
+        watermark=watermark,
+        poll_timeout_s=poll_timeout_s,
+        resume_delay_s=resume_delay_s,
+        checkpoint_interval_s=checkpoint_interval_s,
+        max_poll_records=max_poll_records,
+        consumer_config=dict(consumer_config or {}),
+        metrics_namespace=METRICS_NAMESPACE,
+        reader_id=uuid.uuid4().hex)
+    self._decode = decode
+
+  def expand(self, pbegin):
+    config = self._config
+    reader_cls = {
+        (True, False): _ReadPartitionsFn,
+        (False, False): _ReadUnboundedPartitionsFn,
+        (True, True): _CommittingReadPartitionsFn,
+        (False, True): _CommittingReadUnboundedPartitionsFn,
+    }[(config.finite, config.commits)]
+    reader = reader_cls(config)
+    read = (pbegin
+            | 'Impulse' >> beam.Impulse()
+            | 'DiscoverPartitions' >> beam.ParDo(_DiscoverPartitions(config))
+            | 'SpreadPartitions' >> beam.Reshuffle()
+            | 'ReadPartitions' >> beam.ParDo(reader).with_output_types(
+                KafkaRecord))
+    if self._decode is not None:
+      read = read | 'DecodeRecords' >> beam.Map(self._decode)
+    return read
