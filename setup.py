@@ -32,7 +32,8 @@ setuptools.setup(
     description='Real-time ML on Kafka streams with Apache Beam and tf.Transform',
     python_requires='>=3.10,<3.13',
     packages=setuptools.find_packages(
-        include=['pipelines*', 'transforms*', 'models*', 'runners*']),
+        include=['pipelines*', 'transforms*', 'models*', 'runners*',
+                 'problems*', 'tools*']),
     package_data={'runners': ['*/pom.xml', '*/*.properties', '*/*.java',
                              'dataflow/*']},
     install_requires=REQUIRED,

@@ -1,9 +1,12 @@
 """Export of a versioned SavedModel that takes *raw* features.
 
 The ``serving_default`` signature takes one tensor per raw serving feature
-(``features.serving_features()``: every raw feature but the label source),
+(the problem's ``serving_features``: every raw feature but the label source),
 runs the tf.Transform graph (``tft_layer``) and then the Keras model, and
-returns ``probability`` and ``class``. A second signature,
+returns, per task: binary, ``probability`` and ``class``; multi-class,
+``probabilities`` (one per class, in the label's class order) and ``class``
+(the index); regression, ``prediction`` (back on the label's scale when the
+model was trained on a log target). A second signature,
 ``transform_features``, returns what the embedded transform computes, so the
 train/serve parity of preprocessing can be checked on the exported artifact.
 
@@ -22,18 +25,41 @@ import uuid
 
 import tensorflow as tf
 
-from transforms import features as F
+from transforms.problem import Problem, Task
 
 SERVING_SIGNATURE = 'serving_default'
 TRANSFORM_SIGNATURE = 'transform_features'
 PROBABILITY = 'probability'
+PROBABILITIES = 'probabilities'
 CLASS = 'class'
+PREDICTION = 'prediction'
 MODEL_INFO_FILE = 'model_info.json'  # in assets.extra, as TF Serving does
 _VERSION_RE = re.compile(r'^\d+$')
 
 
-def raw_input_signature() -> dict[str, tf.TensorSpec]:
-  spec = F.raw_feature_spec(include_label=False)
+def output_names(problem: Problem) -> tuple[str, ...]:
+  """The serving signature's outputs for the problem's task."""
+  return {Task.BINARY: (PROBABILITY, CLASS),
+          Task.MULTICLASS: (PROBABILITIES, CLASS),
+          Task.REGRESSION: (PREDICTION,)}[problem.task]
+
+
+def outputs_from_model(problem: Problem, output: tf.Tensor
+                       ) -> dict[str, tf.Tensor]:
+  """The Keras model's output as the task's named serving outputs."""
+  label = problem.label
+  if problem.task is Task.BINARY:
+    probability = tf.reshape(output, [-1])
+    return {PROBABILITY: probability,
+            CLASS: tf.cast(probability >= label.threshold, tf.int64)}
+  if problem.task is Task.MULTICLASS:
+    return {PROBABILITIES: output, CLASS: tf.argmax(output, axis=-1)}
+  value = tf.reshape(output, [-1])
+  return {PREDICTION: tf.math.expm1(value) if label.log_target else value}
+
+
+def raw_input_signature(problem: Problem) -> dict[str, tf.TensorSpec]:
+  spec = problem.raw_feature_spec(include_label=False)
   return {name: tf.TensorSpec([None], s.dtype, name=name)
           for name, s in spec.items()}
 
@@ -46,8 +72,8 @@ def list_versions(model_root: str) -> list[int]:
                 if _VERSION_RE.match(d.rstrip('/')))
 
 
-def export_model(model, tf_transform_output, model_root: str,
-                 info: dict | None = None) -> tuple[int, str]:
+def export_model(problem: Problem, model, tf_transform_output,
+                 model_root: str, info: dict | None = None) -> tuple[int, str]:
   """Exports ``model`` with the transform graph inside as the next version.
 
   Returns:
@@ -55,14 +81,14 @@ def export_model(model, tf_transform_output, model_root: str,
   """
   model.tft_layer = tf_transform_output.transform_features_layer()
 
-  @tf.function(input_signature=[raw_input_signature()])
+  signature = raw_input_signature(problem)
+
+  @tf.function(input_signature=[signature])
   def serve_raw(raw_features):
     transformed = model.tft_layer(raw_features)
-    probability = tf.reshape(model(transformed), [-1])
-    return {PROBABILITY: probability,
-            CLASS: tf.cast(probability > 0.5, tf.int64)}
+    return outputs_from_model(problem, model(transformed))
 
-  @tf.function(input_signature=[raw_input_signature()])
+  @tf.function(input_signature=[signature])
   def transform_features(raw_features):
     return model.tft_layer(raw_features)
 
@@ -76,7 +102,8 @@ def export_model(model, tf_transform_output, model_root: str,
     extra = os.path.join(tmp, 'assets.extra')
     tf.io.gfile.makedirs(extra)
     with tf.io.gfile.GFile(os.path.join(extra, MODEL_INFO_FILE), 'w') as f:
-      json.dump(dict(info or {}, version=version), f, indent=2)
+      json.dump(dict(info or {}, version=version, problem=problem.name,
+                     task=problem.task.value), f, indent=2)
     path = os.path.join(model_root, str(version))
     try:
       # Atomic on a local or POSIX file system; a concurrent export that took

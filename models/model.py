@@ -1,11 +1,16 @@
-"""The big-tipper classifier: a wide & deep ``tf_keras`` model.
+"""A wide & deep ``tf_keras`` model for any problem, with a head per task.
 
 It consumes the *transformed* features (``transforms.preprocessing``): z-scored
 numerics feed the deep part directly; every categorical-like feature (vocabulary
 ids, quantile buckets, identity ids) is embedded for the deep part and one-hot
-encoded for the wide part. Inputs are derived from ``features.FEATURES``.
+encoded for the wide part. Inputs are derived from the problem's feature table.
 
-All hyper-parameters live in ``HParams``.
+Heads: binary, a sigmoid ``probability`` (binary cross-entropy); multi-class,
+softmax ``probabilities`` (sparse categorical cross-entropy); regression, a
+linear ``prediction`` (mean squared error, on log(1 + y) when the label says
+``log_target``).
+
+All hyper-parameters live in ``HParams``; a problem may override them.
 """
 
 from __future__ import annotations
@@ -17,8 +22,8 @@ from typing import Any
 import tensorflow as tf
 import tf_keras as keras
 
-from transforms import features as F
 from transforms import preprocessing
+from transforms.problem import Kind, Problem, Task, transformed_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,10 +33,17 @@ class HParams:
   dropout: float = 0.1
   learning_rate: float = 3e-3
   batch_size: int = 256
-  # Chosen on the eval split of data/taxi_trips.csv: validation AUC peaks
-  # after 2-3 epochs and declines after (over-fitting).
   epochs: int = 3
   seed: int = 42
+
+  @classmethod
+  def for_problem(cls, problem: Problem, **overrides) -> 'HParams':
+    """Defaults, then the problem's ``hparams``, then ``overrides``."""
+    given = {**problem.hparams,
+             **{k: v for k, v in overrides.items() if v is not None}}
+    if 'hidden_units' in given:
+      given['hidden_units'] = tuple(given['hidden_units'])
+    return cls(**given)
 
 
 def _embedding_dim(cardinality: int, hparams: HParams) -> int:
@@ -40,22 +52,38 @@ def _embedding_dim(cardinality: int, hparams: HParams) -> int:
                     int(math.ceil(cardinality ** 0.25)) * 2))
 
 
-def build_model(tf_transform_output, hparams: HParams = HParams()) -> keras.Model:
+def _head(problem: Problem) -> tuple[int, str, Any, list[Any]]:
+  """(units, activation, loss, metrics) of the task's output layer."""
+  task = problem.task
+  if task is Task.BINARY:
+    return 1, 'sigmoid', 'binary_crossentropy', [
+        keras.metrics.AUC(name='auc'),
+        keras.metrics.BinaryAccuracy(name='accuracy')]
+  if task is Task.MULTICLASS:
+    return problem.label.n_classes, 'softmax', (
+        'sparse_categorical_crossentropy'), [
+            keras.metrics.SparseCategoricalAccuracy(name='accuracy')]
+  return 1, 'linear', 'mean_squared_error', [
+      keras.metrics.MeanAbsoluteError(name='mae')]
+
+
+def build_model(problem: Problem, tf_transform_output,
+                hparams: HParams = HParams()) -> keras.Model:
   """A compiled wide & deep model over the transformed features."""
   keras.utils.set_random_seed(hparams.seed)
   inputs: dict[str, Any] = {}
   deep: list[Any] = []
   wide: list[Any] = []
-  for feature in F.model_features():
-    name = F.transformed_name(feature.name)
-    if feature.kind is F.Kind.NUMERIC:
+  for feature in problem.model_features:
+    name = transformed_name(feature.name)
+    if feature.kind is Kind.NUMERIC:
       x = keras.layers.Input(shape=(), name=name, dtype=tf.float32)
       inputs[name] = x
       deep.append(keras.layers.Reshape((1,))(x))
       continue
     x = keras.layers.Input(shape=(), name=name, dtype=tf.int64)
     inputs[name] = x
-    size = preprocessing.cardinality(feature, tf_transform_output)
+    size = preprocessing.cardinality(problem, feature, tf_transform_output)
     deep.append(keras.layers.Flatten()(keras.layers.Embedding(
         size, _embedding_dim(size, hparams), name=f'{name}_embedding')(
             keras.layers.Reshape((1,))(x))))
@@ -63,25 +91,24 @@ def build_model(tf_transform_output, hparams: HParams = HParams()) -> keras.Mode
         num_tokens=size, output_mode='one_hot', name=f'{name}_onehot')(
             keras.layers.Reshape((1,))(x)))
 
-  h = keras.layers.concatenate(deep)
-  for units in hparams.hidden_units:
-    h = keras.layers.Dense(units, activation='relu')(h)
+  units, activation, loss, metrics = _head(problem)
+  h = keras.layers.concatenate(deep) if len(deep) > 1 else deep[0]
+  for width in hparams.hidden_units:
+    h = keras.layers.Dense(width, activation='relu')(h)
     h = keras.layers.Dropout(hparams.dropout)(h)
-  deep_logit = keras.layers.Dense(1)(h)
-  wide_logit = keras.layers.Dense(1)(keras.layers.concatenate(wide))
-  logit = keras.layers.add([deep_logit, wide_logit])
-  probability = keras.layers.Activation('sigmoid', name='probability')(logit)
-  model = keras.Model(inputs=inputs, outputs=probability)
-  model.compile(
-      optimizer=keras.optimizers.Adam(hparams.learning_rate),
-      loss='binary_crossentropy',
-      metrics=[keras.metrics.AUC(name='auc'),
-               keras.metrics.BinaryAccuracy(name='accuracy')])
+  logit = keras.layers.Dense(units)(h)
+  if wide:
+    wide_in = keras.layers.concatenate(wide) if len(wide) > 1 else wide[0]
+    logit = keras.layers.add([logit, keras.layers.Dense(units)(wide_in)])
+  output = keras.layers.Activation(activation, name='output')(logit)
+  model = keras.Model(inputs=inputs, outputs=output)
+  model.compile(optimizer=keras.optimizers.Adam(hparams.learning_rate),
+                loss=loss, metrics=metrics)
   return model
 
 
-def transformed_dataset(file_pattern: str, tf_transform_output,
-                        batch_size: int, shuffle: bool,
+def transformed_dataset(problem: Problem, file_pattern: str,
+                        tf_transform_output, batch_size: int, shuffle: bool,
                         seed: int = 42) -> tf.data.Dataset:
   """(features, label) batches from transformed tf.Example TFRecords."""
   spec = tf_transform_output.transformed_feature_spec()
@@ -94,18 +121,40 @@ def transformed_dataset(file_pattern: str, tf_transform_output,
   ds = ds.batch(batch_size).map(
       lambda x: tf.io.parse_example(x, spec),
       num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.map(lambda x: (x, x.pop(F.TRANSFORMED_LABEL_KEY)))
+  label = problem.label.name
+  ds = ds.map(lambda x: (x, x.pop(label)))
   return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def train(model: keras.Model, train_pattern: str, eval_pattern: str,
-          tf_transform_output, hparams: HParams = HParams(),
+def train(problem: Problem, model: keras.Model, train_pattern: str,
+          eval_pattern: str, tf_transform_output,
+          hparams: HParams = HParams(),
           verbose: int = 2) -> keras.callbacks.History:
   """Fits the model on the transformed training data."""
-  train_ds = transformed_dataset(train_pattern, tf_transform_output,
+  train_ds = transformed_dataset(problem, train_pattern, tf_transform_output,
                                  hparams.batch_size, shuffle=True,
                                  seed=hparams.seed)
-  eval_ds = transformed_dataset(eval_pattern, tf_transform_output,
+  eval_ds = transformed_dataset(problem, eval_pattern, tf_transform_output,
                                 hparams.batch_size, shuffle=False)
   return model.fit(train_ds, validation_data=eval_ds, epochs=hparams.epochs,
                    verbose=verbose)
+
+
+def evaluate(problem: Problem, model: keras.Model,
+             dataset: tf.data.Dataset) -> dict[str, Any]:
+  """The task's metrics (``models.metrics``) of ``model`` on ``dataset``.
+
+  A regression trained on a log target is measured on the label's own
+  scale, as its serving signature answers.
+  """
+  import numpy as np
+  from models import metrics
+  outputs, labels = [], []
+  for features, label in dataset:
+    outputs.append(model(features, training=False).numpy())
+    labels.append(label.numpy())
+  output = np.concatenate(outputs)
+  y = np.concatenate(labels)
+  if problem.task is Task.REGRESSION and problem.label.log_target:
+    output, y = np.expm1(output), np.expm1(y)
+  return metrics.for_task(problem.task, y, output, problem.label.threshold)

@@ -12,7 +12,9 @@ Hot swap. The "model" the handler loads is a ``VersionedModel``: it serves
 the newest valid ``<model_root>/<integer>/`` version and, every
 ``poll_secs``, looks for a newer one from a background thread. A candidate is
 *validated* before it is swapped in: it loads, its signature takes exactly
-our raw serving features, and a canary prediction is a probability. A version
+the problem's raw serving features and returns its task's outputs, and a
+canary prediction is well formed (a probability, class probabilities that
+sum to one, or a finite value). A version
 that fails is rejected (log line + ``model_versions_rejected`` counter) and
 the current one keeps serving; it is looked at again only when its files
 change (a slow upload finishing). Each batch is scored by one version, whose
@@ -48,7 +50,7 @@ from apache_beam.ml.inference.base import PredictionResult
 
 from models import export
 from transforms import columns
-from transforms import features as F
+from transforms.problem import DType, Problem, Task
 from transforms.records import Record
 
 METRICS_NAMESPACE = 'rtml.serve'
@@ -72,48 +74,89 @@ def load(path: str) -> LoadedModel:
                      saved.signatures[export.SERVING_SIGNATURE], saved)
 
 
-def predict(model: LoadedModel, records: Sequence[Record]) -> dict[str, Any]:
+def predict(problem: Problem, model: LoadedModel,
+            records: Sequence[Record]) -> dict[str, Any]:
   """Runs the raw-feature signature on parsed records (numpy outputs)."""
   import tensorflow as tf
   inputs = {name: tf.constant(values) for name, values in
-            columns.to_columns(records, include_label=False).items()}
+            columns.to_columns(problem, records, include_label=False).items()}
   return {k: v.numpy() for k, v in model.signature(**inputs).items()}
 
 
-def canary_record() -> Record:
+def inference(problem: Problem, outputs: dict[str, Any], i: int
+              ) -> dict[str, Any]:
+  """Row ``i`` of the signature's outputs as JSON-ready values."""
+  if problem.task is Task.BINARY:
+    return {export.PROBABILITY: float(outputs[export.PROBABILITY][i]),
+            export.CLASS: int(outputs[export.CLASS][i])}
+  if problem.task is Task.MULTICLASS:
+    return {export.PROBABILITIES: [
+        float(p) for p in outputs[export.PROBABILITIES][i]],
+            export.CLASS: int(outputs[export.CLASS][i])}
+  return {export.PREDICTION: float(outputs[export.PREDICTION][i])}
+
+
+def canary_record(problem: Problem) -> Record:
   """A syntactically valid raw record for smoke-testing a model."""
   values = {}
-  for f in F.serving_features():
-    if f.domain is not None:
+  for f in problem.serving_features:
+    if f.domain is not None and f.domain[0] is not None:
       values[f.name] = f.domain[0]
     elif f.default is not None:
       values[f.name] = f.default
     else:
-      values[f.name] = {F.DType.FLOAT: 1.0, F.DType.INT: 1,
-                        F.DType.STRING: 'canary'}[f.dtype]  # any: OOV is valid
+      # Any value: an unseen category is valid (out of vocabulary).
+      values[f.name] = {DType.FLOAT: 1.0, DType.INT: 1,
+                        DType.STRING: '(canary)'}[f.dtype]
   return Record(values, ())
 
 
-def load_validated(path: str) -> tuple[LoadedModel | None, str | None]:
+def check_canary(problem: Problem, outputs: dict[str, Any]) -> Optional[str]:
+  """Why one canary prediction is malformed for the task, or None."""
+  if problem.task is Task.BINARY:
+    p = outputs[export.PROBABILITY]
+    if not (len(p) == 1 and math.isfinite(float(p[0]))
+            and 0.0 <= float(p[0]) <= 1.0):
+      return f'canary prediction is not a probability: {p!r}'
+  elif problem.task is Task.MULTICLASS:
+    p = outputs[export.PROBABILITIES]
+    n = problem.label.n_classes
+    if not (len(p) == 1 and len(p[0]) == n
+            and all(math.isfinite(float(x)) and x >= 0 for x in p[0])
+            and abs(float(sum(p[0])) - 1.0) < 1e-3):
+      return (f'canary prediction is not a distribution over {n} classes: '
+              f'{p!r}')
+  else:
+    y = outputs[export.PREDICTION]
+    if not (len(y) == 1 and math.isfinite(float(y[0]))):
+      return f'canary prediction is not a finite value: {y!r}'
+  return None
+
+
+def load_validated(problem: Problem, path: str
+                   ) -> tuple[LoadedModel | None, str | None]:
   """(model, None) if ``path`` is a servable version, else (None, reason)."""
   try:
     model = load(path)
   except Exception as e:  # pylint: disable=broad-except
     return None, f'cannot load: {type(e).__name__}: {str(e)[:300]}'
-  expected = {f.name for f in F.serving_features()}
+  expected = {f.name for f in problem.serving_features}
   got = set(model.signature.structured_input_signature[1])
   if got != expected:
     return None, (f'signature inputs differ from the raw serving features: '
                   f'missing {sorted(expected - got)}, '
                   f'extra {sorted(got - expected)}')
+  outputs = set(model.signature.structured_outputs)
+  if outputs != set(export.output_names(problem)):
+    return None, (f'signature outputs {sorted(outputs)} are not those of a '
+                  f'{problem.task.value} model '
+                  f'{sorted(export.output_names(problem))}')
   try:
-    probability = predict(model, [canary_record()])[export.PROBABILITY]
+    canary = predict(problem, model, [canary_record(problem)])
   except Exception as e:  # pylint: disable=broad-except
     return None, f'canary prediction failed: {type(e).__name__}: {str(e)[:300]}'
-  if not (len(probability) == 1 and math.isfinite(float(probability[0]))
-          and 0.0 <= float(probability[0]) <= 1.0):
-    return None, f'canary prediction is not a probability: {probability!r}'
-  return model, None
+  reason = check_canary(problem, canary)
+  return (None, reason) if reason else (model, None)
 
 
 def _fingerprint(path: str) -> tuple:
@@ -126,18 +169,20 @@ def _fingerprint(path: str) -> tuple:
   return tuple(sorted(entries))
 
 
-def _newest_valid(model_root: str, on_rejected) -> LoadedModel:
+def _newest_valid(problem: Problem, model_root: str,
+                  on_rejected) -> LoadedModel:
   for version in reversed(export.list_versions(model_root)):
-    model, reason = load_validated(os.path.join(model_root, str(version)))
+    model, reason = load_validated(problem,
+                                   os.path.join(model_root, str(version)))
     if model is not None:
       return model
     on_rejected(version, reason)
   raise FileNotFoundError(f'no servable model version under {model_root}')
 
 
-def newest_valid_version(model_root: str) -> int:
+def newest_valid_version(problem: Problem, model_root: str) -> int:
   """The newest version that validates; raises FileNotFoundError if none."""
-  return _newest_valid(model_root, lambda v, r: logging.warning(
+  return _newest_valid(problem, model_root, lambda v, r: logging.warning(
       'Model version %d rejected: %s', v, r)).version
 
 
@@ -147,13 +192,14 @@ class VersionedModel:
   Thread-safe; shared by the RunInference threads of a worker process.
   """
 
-  def __init__(self, model_root: str, poll_secs: float):
+  def __init__(self, problem: Problem, model_root: str, poll_secs: float):
+    self._problem = problem
     self._root = model_root
     self._poll_secs = poll_secs
     self._lock = threading.Lock()
     self._rejected: dict[int, tuple] = {}
     self._events: list[tuple[str, int]] = []
-    self._current = _newest_valid(model_root, self._note_rejection)
+    self._current = _newest_valid(problem, model_root, self._note_rejection)
     # A daemon thread watches the root, whether or not events flow, so a new
     # version is loaded and validated before the first batch needs it.
     # It holds only a weak reference, so it ends when RunInference releases
@@ -199,7 +245,7 @@ class VersionedModel:
         path = os.path.join(self._root, str(version))
         if self._rejected.get(version) == _fingerprint(path):
           continue
-        model, reason = load_validated(path)
+        model, reason = load_validated(self._problem, path)
         if model is None:
           self._note_rejection(version, f'{reason} (still serving '
                                f'{self._current.version})')
@@ -218,6 +264,7 @@ class RawFeaturesModelHandler(ModelHandler[Record, PredictionResult,
   """RunInference handler for the raw-feature SavedModel of ``models.export``.
 
   Args:
+    problem: what the records are and the model's task.
     model_root: directory of ``<integer>/`` versions; the newest valid one
       serves, newer ones are swapped in as they appear (see module doc).
     poll_secs: how often to look for a new version.
@@ -226,17 +273,16 @@ class RawFeaturesModelHandler(ModelHandler[Record, PredictionResult,
       element may wait for its batch to fill, which bounds added latency.
   """
 
-  def __init__(self, model_root: str, poll_secs: float = 5.0,
-               min_batch_size: int = 1, max_batch_size: int = 256,
+  def __init__(self, problem: Problem, model_root: str,
+               poll_secs: float = 5.0, min_batch_size: int = 1,
+               max_batch_size: int = 256,
                max_batch_duration_secs: Optional[float] = None):
-    super().__init__()
+    super().__init__(min_batch_size=min_batch_size,
+                     max_batch_size=max_batch_size,
+                     max_batch_duration_secs=max_batch_duration_secs)
+    self._problem = problem
     self._model_root = model_root
     self._poll_secs = poll_secs
-    self._batching_kwargs = {'min_batch_size': min_batch_size,
-                             'max_batch_size': max_batch_size}
-    if max_batch_duration_secs is not None:
-      self._batching_kwargs['max_batch_duration_secs'] = (
-          max_batch_duration_secs)
     self._accepted = Metrics.counter(METRICS_NAMESPACE,
                                      'model_versions_accepted')
     self._rejected = Metrics.counter(METRICS_NAMESPACE,
@@ -244,7 +290,7 @@ class RawFeaturesModelHandler(ModelHandler[Record, PredictionResult,
     self._version = Metrics.gauge(METRICS_NAMESPACE, 'model_version_in_use')
 
   def load_model(self) -> VersionedModel:
-    return VersionedModel(self._model_root, self._poll_secs)
+    return VersionedModel(self._problem, self._model_root, self._poll_secs)
 
   def run_inference(self, batch: Sequence[Record], model: VersionedModel,
                     inference_args: Optional[dict[str, Any]] = None
@@ -253,15 +299,11 @@ class RawFeaturesModelHandler(ModelHandler[Record, PredictionResult,
     for event, _ in model.drain_events():
       (self._accepted if event == 'accepted' else self._rejected).inc()
     self._version.set(loaded.version)
-    outputs = predict(loaded, batch)
+    outputs = predict(self._problem, loaded, batch)
     model_id = str(loaded.version)
-    return [
-        PredictionResult(
-            record,
-            {export.PROBABILITY: float(outputs[export.PROBABILITY][i]),
-             export.CLASS: int(outputs[export.CLASS][i])},
-            model_id)
-        for i, record in enumerate(batch)]
+    return [PredictionResult(record, inference(self._problem, outputs, i),
+                             model_id)
+            for i, record in enumerate(batch)]
 
   def get_num_bytes(self, batch: Sequence[Record]) -> int:
     return sum(len(r.values) * 8 for r in batch)

@@ -1,5 +1,7 @@
 """Batch training: CSV → tf.Transform → Keras → versioned raw-feature SavedModel.
 
+For any problem (``--problem``, default the shipped taxi trips):
+
 Stages:
   1. a Beam pipeline reads CSV files, parses and validates every row with
      ``transforms.records`` (invalid rows go to ``OUT/dead_letters/`` with
@@ -7,14 +9,17 @@ Stages:
      ``AnalyzeAndTransformDataset`` on train and ``TransformDataset`` on eval
      (Arrow RecordBatches via TFXIO), and writes the transformed TFRecords,
      ``OUT/transform/`` and the training statistics ``OUT/stats.json``;
-  2. the Keras model trains on the transformed TFRecords and is evaluated on
-     the eval split;
+  2. the Keras model (a head for the problem's task) trains on the
+     transformed TFRecords and is evaluated on the eval split with the
+     task's metrics (``models.metrics``);
   3. the model is exported with the transform graph inside as
      ``OUT/model/<version>/`` and ``OUT/metrics.json`` is written.
 
 Run it locally (DirectRunner)::
 
     python -m pipelines.train --input 'data/taxi_trips.csv' --output_dir out
+    python -m pipelines.train --problem houses --input data/houses.csv \
+        --output_dir out/houses
 
 or, unchanged, on another runner chosen by flags::
 
@@ -45,8 +50,10 @@ from apache_beam.options.pipeline_options import TestOptions
 from runners import options as runner_options
 from transforms import columns
 from transforms import csv_io
+from transforms import problem as problem_lib
 from transforms import records as R
 from transforms import stats as feature_stats
+from transforms.problem import Problem
 
 TRAIN_PREFIX = 'transformed/train'
 EVAL_PREFIX = 'transformed/eval'
@@ -65,7 +72,8 @@ class TrainOptions(PipelineOptions):
     parser.add_argument('--eval_percent', type=int, default=20,
                         help='Share of rows (by row hash) held out for eval.')
     parser.add_argument('--epochs', type=int, default=None,
-                        help='Training epochs (default: models.model.HParams).')
+                        help='Training epochs (default: the problem\'s, '
+                        'else models.model.HParams).')
     parser.add_argument('--batch_size', type=int, default=1024,
                         help='Rows per Arrow RecordBatch fed to tf.Transform.')
 
@@ -73,13 +81,15 @@ class TrainOptions(PipelineOptions):
 class ParseAndSplit(beam.PTransform):
   """Rows → train records, eval records and dead letters."""
 
-  def __init__(self, eval_percent: int):
+  def __init__(self, problem: Problem, eval_percent: int):
     super().__init__()
+    self._problem = problem
     self._eval_percent = eval_percent
 
   def expand(self, rows):
-    parsed = rows | 'ParseRows' >> beam.ParDo(csv_io.ParseRow()).with_outputs(
-        csv_io.ParseRow.DEAD_LETTER, main='records')
+    parsed = rows | 'ParseRows' >> beam.ParDo(
+        csv_io.ParseRow(self._problem)).with_outputs(
+            csv_io.ParseRow.DEAD_LETTER, main='records')
     train, evaluation = (
         parsed.records
         | 'SplitTrainEval' >> beam.Partition(
@@ -94,16 +104,19 @@ class ParseAndSplit(beam.PTransform):
 class ToRecordBatches(beam.PTransform):
   """Records → Arrow RecordBatches in the TFXIO layout."""
 
-  def __init__(self, batch_size: int):
+  def __init__(self, problem: Problem, batch_size: int):
     super().__init__()
+    self._problem = problem
     self._batch_size = batch_size
 
   def expand(self, records):
+    problem = self._problem
     return (records
             | 'Batch' >> beam.BatchElements(
                 min_batch_size=self._batch_size,
                 max_batch_size=self._batch_size)
-            | 'ToArrow' >> beam.Map(columns.to_record_batch))
+            | 'ToArrow' >> beam.Map(
+                lambda batch: columns.to_record_batch(problem, batch)))
 
 
 class WriteJson(beam.PTransform):
@@ -120,35 +133,37 @@ class WriteJson(beam.PTransform):
                 self._path, shard_name_template='', num_shards=1))
 
 
-def build_preprocessing(pipeline: beam.Pipeline, file_pattern: str,
-                        output_dir: str, eval_percent: int = 20,
+def build_preprocessing(pipeline: beam.Pipeline, problem: Problem,
+                        file_pattern: str, output_dir: str,
+                        eval_percent: int = 20,
                         batch_size: int = 1024) -> None:
   """Adds stage 1 (parse, split, analyze, transform, write) to ``pipeline``."""
   import tensorflow_transform.beam as tft_beam
   from transforms import preprocessing
 
   split = (pipeline
-           | 'ReadCsv' >> csv_io.ReadCsvRows(file_pattern)
-           | 'ParseAndSplit' >> ParseAndSplit(eval_percent))
+           | 'ReadCsv' >> csv_io.ReadCsvRows(problem, file_pattern)
+           | 'ParseAndSplit' >> ParseAndSplit(problem, eval_percent))
   _ = (split['dead_letters']
        | 'DumpDeadLetters' >> beam.Map(json.dumps)
        | 'WriteDeadLetters' >> beam.io.WriteToText(
            os.path.join(output_dir, 'dead_letters', 'rows'),
            file_name_suffix='.jsonl'))
   _ = (split['train']
-       | 'ComputeStats' >> feature_stats.ComputeFeatureStats()
+       | 'ComputeStats' >> feature_stats.ComputeFeatureStats(problem)
        | 'WriteStats' >> WriteJson(os.path.join(output_dir, 'stats.json')))
 
-  adapter_config = columns.tensor_adapter_config()
+  adapter_config = columns.tensor_adapter_config(problem)
   with tft_beam.Context(temp_dir=os.path.join(output_dir, 'tmp', 'tft')):
     train_batches = split['train'] | 'TrainToArrow' >> ToRecordBatches(
-        batch_size)
+        problem, batch_size)
     eval_batches = split['eval'] | 'EvalToArrow' >> ToRecordBatches(
-        batch_size)
+        problem, batch_size)
     (transformed_train, transformed_metadata), transform_fn = (
         (train_batches, adapter_config)
         | 'AnalyzeAndTransform' >> tft_beam.AnalyzeAndTransformDataset(
-            preprocessing.preprocessing_fn, output_record_batches=True))
+            preprocessing.preprocessing_fn(problem),
+            output_record_batches=True))
     transformed_eval, _ = (
         ((eval_batches, adapter_config), transform_fn)
         | 'TransformEval' >> tft_beam.TransformDataset(
@@ -169,46 +184,46 @@ def _counter(result, name: str) -> int:
   return int(sum(c.committed or 0 for c in found['counters']))
 
 
-def train_and_export(output_dir: str, epochs: int | None = None,
+def train_and_export(problem: Problem, output_dir: str,
+                     epochs: int | None = None,
                      verbose: int = 2) -> tuple[dict[str, Any], Any]:
   """Stages 2 and 3: trains, evaluates and exports.
 
   Returns:
-    (metrics, the trained in-memory Keras model).
+    (metrics, the trained in-memory Keras model): the task's eval metrics
+    (``models.metrics``), the model version and path, seconds per stage.
   """
   import dataclasses
   import tensorflow_transform as tft
   from models import export
   from models import model as model_lib
 
-  hparams = model_lib.HParams()
-  if epochs is not None:
-    hparams = dataclasses.replace(hparams, epochs=epochs)
+  hparams = model_lib.HParams.for_problem(problem, epochs=epochs)
   tft_output = tft.TFTransformOutput(os.path.join(output_dir, 'transform'))
   timings = {}
   start = time.monotonic()
-  model = model_lib.build_model(tft_output, hparams)
-  model_lib.train(model, os.path.join(output_dir, TRAIN_PREFIX + '*'),
+  model = model_lib.build_model(problem, tft_output, hparams)
+  model_lib.train(problem, model, os.path.join(output_dir, TRAIN_PREFIX + '*'),
                   os.path.join(output_dir, EVAL_PREFIX + '*'), tft_output,
                   hparams, verbose=verbose)
   timings['train'] = time.monotonic() - start
 
   start = time.monotonic()
   eval_ds = model_lib.transformed_dataset(
-      os.path.join(output_dir, EVAL_PREFIX + '*'), tft_output,
+      problem, os.path.join(output_dir, EVAL_PREFIX + '*'), tft_output,
       hparams.batch_size, shuffle=False)
-  log_loss, auc, accuracy = model.evaluate(eval_ds, verbose=0)
+  scores = model_lib.evaluate(problem, model, eval_ds)
   timings['evaluate'] = time.monotonic() - start
 
   start = time.monotonic()
   version, path = export.export_model(
-      model, tft_output, os.path.join(output_dir, 'model'),
-      info={'auc': auc, 'hparams': dataclasses.asdict(hparams)})
+      problem, model, tft_output, os.path.join(output_dir, 'model'),
+      info={'eval': scores, 'hparams': dataclasses.asdict(hparams)})
   timings['export'] = time.monotonic() - start
   logging.info('Exported model version %d to %s', version, path)
-  return {'auc': float(auc), 'accuracy': float(accuracy),
-          'log_loss': float(log_loss), 'model_version': version,
-          'model_path': path, 'seconds': timings}, model
+  return {'problem': problem.name, 'task': problem.task.value, **scores,
+          'model_version': version, 'model_path': path,
+          'seconds': timings}, model
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
@@ -216,15 +231,16 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
   options = TrainOptions(runner_options.resolve(
       sys.argv[1:] if argv is None else argv))
   train_options = options.view_as(TrainOptions)
+  problem = problem_lib.load(options.view_as(problem_lib.ProblemOptions).problem)
   if not train_options.input or not train_options.output_dir:
     raise SystemExit('pipelines.train: --input and --output_dir are required')
   output_dir = train_options.output_dir
   started = time.monotonic()
 
-  print(f'[train] 1/3 preprocessing {train_options.input} with tf.Transform',
-        file=sys.stderr, flush=True)
+  print(f'[train] 1/3 {problem.name} ({problem.task.value}): preprocessing '
+        f'{train_options.input} with tf.Transform', file=sys.stderr, flush=True)
   pipeline = beam.Pipeline(options=options)
-  build_preprocessing(pipeline, train_options.input, output_dir,
+  build_preprocessing(pipeline, problem, train_options.input, output_dir,
                       train_options.eval_percent, train_options.batch_size)
   result = pipeline.run()
   result.wait_until_finish()
@@ -240,7 +256,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 
   print('[train] 2/3 training the Keras model', file=sys.stderr, flush=True)
   import tensorflow as tf
-  metrics, _ = train_and_export(output_dir, epochs=train_options.epochs)
+  metrics, _ = train_and_export(problem, output_dir,
+                                epochs=train_options.epochs)
   with tf.io.gfile.GFile(os.path.join(output_dir, 'stats.json')) as f:
     n_train = json.load(f)['count']
   metrics.update({
@@ -253,8 +270,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                             total=time.monotonic() - started)
   with tf.io.gfile.GFile(os.path.join(output_dir, 'metrics.json'), 'w') as f:
     json.dump(metrics, f, indent=2)
+  from models.metrics import HEADLINE
+  headline, _ = HEADLINE[problem.task]
   print(f'[train] 3/3 exported model version {metrics["model_version"]}: '
-        f'AUC {metrics["auc"]:.4f}, accuracy {metrics["accuracy"]:.4f}, '
+        f'eval {headline} {metrics[headline]:.4f}, '
         f'{n_train} train / {metrics["n_eval"]} eval rows, '
         f'{n_invalid} dead letters', file=sys.stderr, flush=True)
   return metrics

@@ -3,7 +3,7 @@
 Training feeds tf.Transform Arrow RecordBatches through tfx-bsl's TFXIO
 format (TFT warns that instance dicts are slow); serving and notebooks feed
 the exported model numpy columns. Both come from the same ``Record`` values
-and the same raw feature spec.
+and the same raw feature spec of the problem.
 """
 
 from __future__ import annotations
@@ -14,61 +14,62 @@ from typing import Sequence
 import numpy as np
 import pyarrow as pa
 
-from transforms import features as F
+from transforms.problem import DType, Feature, Problem
 from transforms.records import Record
 
-_NUMPY_DTYPE = {F.DType.FLOAT: np.float32, F.DType.INT: np.int64,
-                F.DType.STRING: object}
+_NUMPY_DTYPE = {DType.FLOAT: np.float32, DType.INT: np.int64,
+                DType.STRING: object}
 
 
-def _features(include_label: bool) -> tuple[F.Feature, ...]:
-  return F.FEATURES if include_label else F.serving_features()
+def _features(problem: Problem, include_label: bool) -> tuple[Feature, ...]:
+  return problem.features if include_label else problem.serving_features
 
 
-def to_columns(records: Sequence[Record],
+def column(feature: Feature, values: Sequence) -> np.ndarray:
+  """One dense numpy column of raw values (strings as UTF-8 bytes)."""
+  if feature.dtype is DType.STRING:
+    return np.array([v.encode('utf-8') for v in values], dtype=object)
+  return np.asarray(values, dtype=_NUMPY_DTYPE[feature.dtype])
+
+
+def to_columns(problem: Problem, records: Sequence[Record],
                include_label: bool = False) -> dict[str, np.ndarray]:
   """Dense numpy columns, one per raw (serving) feature."""
-  columns = {}
-  for feature in _features(include_label):
-    values = [r.values[feature.name] for r in records]
-    if feature.dtype is F.DType.STRING:
-      columns[feature.name] = np.array(
-          [v.encode('utf-8') for v in values], dtype=object)
-    else:
-      columns[feature.name] = np.asarray(values,
-                                         dtype=_NUMPY_DTYPE[feature.dtype])
-  return columns
+  return {f.name: column(f, [r.values[f.name] for r in records])
+          for f in _features(problem, include_label)}
 
 
-@functools.lru_cache(maxsize=2)
-def _tfxio(include_label: bool):
+@functools.lru_cache(maxsize=8)
+def _tfxio(problem: Problem, include_label: bool):
   from tfx_bsl.public import tfxio
   return tfxio.TFExampleBeamRecord(
       physical_format='inmem', telemetry_descriptors=['rtml'],
-      schema=F.raw_schema(include_label))
+      schema=problem.raw_schema(include_label))
 
 
-def arrow_schema(include_label: bool = True) -> pa.Schema:
-  return _tfxio(include_label).ArrowSchema()
+def arrow_schema(problem: Problem, include_label: bool = True) -> pa.Schema:
+  return _tfxio(problem, include_label).ArrowSchema()
 
 
-def tensor_adapter_config(include_label: bool = True):
+def tensor_adapter_config(problem: Problem, include_label: bool = True):
   """The TFXIO TensorAdapterConfig matching ``to_record_batch``."""
-  return _tfxio(include_label).TensorAdapterConfig()
+  return _tfxio(problem, include_label).TensorAdapterConfig()
 
 
-def to_record_batch(records: Sequence[Record],
+def to_record_batch(problem: Problem, records: Sequence[Record],
                     include_label: bool = True) -> pa.RecordBatch:
   """An Arrow RecordBatch in the TFXIO layout (one-value large lists)."""
-  schema = arrow_schema(include_label)
+  schema = arrow_schema(problem, include_label)
+  by_name = problem.features_by_name
   offsets = pa.array(np.arange(len(records) + 1, dtype=np.int64))
   arrays = []
   for field in schema:
-    feature = F.FEATURES_BY_NAME[field.name]
+    feature = by_name[field.name]
     values = [r.values[feature.name] for r in records]
-    if feature.dtype is F.DType.STRING:
+    if feature.dtype is DType.STRING:
       flat = pa.array([v.encode('utf-8') for v in values], pa.large_binary())
     else:
       flat = pa.array(np.asarray(values, dtype=_NUMPY_DTYPE[feature.dtype]))
     arrays.append(pa.LargeListArray.from_arrays(offsets, flat))
   return pa.RecordBatch.from_arrays(arrays, schema=schema)
+

@@ -14,11 +14,12 @@ from apache_beam.metrics import Metrics
 from transforms import kafka_io
 from transforms import records
 from transforms.kafka_io import KafkaRecord, dead_letter
+from transforms.problem import Problem
 
 METRICS_NAMESPACE = kafka_io.METRICS_NAMESPACE
 
 
-def decode_event(record: KafkaRecord,
+def decode_event(problem: Problem, record: KafkaRecord,
                  require_label: bool = False) -> records.Record:
   """A Kafka record's value as a validated ``records.Record``.
 
@@ -28,13 +29,15 @@ def decode_event(record: KafkaRecord,
   if record.value is None:
     raise records.InvalidRecord(
         [records.FieldError('*', None, 'null value (tombstone)')])
-  return records.parse_json_bytes(record.value, require_label=require_label)
+  return records.parse_json_bytes(problem, record.value,
+                                  require_label=require_label)
 
 
 class _DecodeEventsFn(beam.DoFn):
 
-  def __init__(self, require_label: bool, with_keys: bool,
+  def __init__(self, problem: Problem, require_label: bool, with_keys: bool,
                metrics_namespace: str, with_source: bool = False):
+    self._problem = problem
     self._require_label = require_label
     self._with_keys = with_keys
     self._with_source = with_source
@@ -43,7 +46,7 @@ class _DecodeEventsFn(beam.DoFn):
 
   def process(self, record: KafkaRecord):
     try:
-      parsed = decode_event(record, self._require_label)
+      parsed = decode_event(self._problem, record, self._require_label)
     except records.InvalidRecord as e:
       errors = e.to_dicts()
     except Exception as e:  # pylint: disable=broad-except
@@ -75,6 +78,7 @@ class DecodeEvents(beam.PTransform):
   ``dead_letter`` (JSON-serializable) and keep the input's event time.
 
   Args:
+    problem: what a record is (``transforms.problem``).
     require_label: events without a valid label are dead letters.
     with_keys: emit ``(kafka key as str, Record)`` instead of ``Record``.
     with_source: emit ``(KafkaRecord without its value, Record)``: the key,
@@ -86,15 +90,16 @@ class DecodeEvents(beam.PTransform):
   RECORDS = 'records'
   DEAD_LETTERS = 'dead_letters'
 
-  def __init__(self, require_label: bool = False, with_keys: bool = False,
-               with_source: bool = False):
+  def __init__(self, problem: Problem, require_label: bool = False,
+               with_keys: bool = False, with_source: bool = False):
     super().__init__()
+    self._problem = problem
     self._require_label = require_label
     self._with_keys = with_keys
     self._with_source = with_source
 
   def expand(self, pcoll):
     return pcoll | 'ParseJson' >> beam.ParDo(_DecodeEventsFn(
-        self._require_label, self._with_keys, METRICS_NAMESPACE,
+        self._problem, self._require_label, self._with_keys, METRICS_NAMESPACE,
         with_source=self._with_source)).with_outputs(
             self.DEAD_LETTERS, main=self.RECORDS)

@@ -2,17 +2,17 @@
 
 Attach ``MonitorPredictions`` to the serving pipeline's scored events::
 
-    scored = predictions | 'ToScoredTrip' >> beam.Map(
-        lambda r: monitoring.ScoredTrip.of(record, probability))
+    scored = predictions | 'ToScored' >> beam.Map(
+        lambda r: monitoring.Scored.of(problem, record, inference))
     out = scored | monitoring.MonitorPredictions(
-        stats.read_stats('out/train/stats.json'), window_config)
+        problem, stats.read_stats('out/train/stats.json'), window_config)
     out['quality'], out['drift'], out['alerts'], out['late']
 
 Per event-time window (``transforms.windowing``, late data to ``'late'``):
 
-* ``quality``: predicted positive rate, and, over the events whose label is
-  known (tips present), the actual positive rate, the predicted rate on those
-  same events, and accuracy;
+* ``quality``: per the problem's task, over the events whose label is known:
+  binary: predicted and actual positive rates and accuracy; multi-class:
+  accuracy; regression: MAE, RMSE, MAPE, mean prediction and mean actual;
 * ``drift``: per model feature, against the training statistics
   (``transforms.stats``): for measurements (numeric, bucketized) the mean
   shift and std shift in training-std units; for those and ids (identity)
@@ -25,8 +25,8 @@ Per event-time window (``transforms.windowing``, late data to ``'late'``):
   but do not alert (a partial window); neither does a window with fewer than
   ``min_count`` values of the feature.
 
-The features are ``features.model_features()``: the label and event time are
-not model inputs (the label is covered by ``quality``).
+The features are the problem's ``model_features``: the label and event time
+are not model inputs (the label is covered by ``quality``).
 """
 
 from __future__ import annotations
@@ -38,46 +38,42 @@ from typing import Any, Iterable, NamedTuple, Optional
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from transforms import features as F
+from transforms import records as R
 from transforms import stats as S
 from transforms import windowing
+from transforms.problem import Kind, Problem, Task
 from transforms.records import Record
 
 _NAMESPACE = 'monitoring'
 _GLOBAL_KEY = 'all'
 
 
-class ScoredTrip(NamedTuple):
+class Scored(NamedTuple):
   """The monitor's input: a parsed event and the model's prediction.
 
   Attributes:
     record: the parsed raw event (values with defaults, and which were
-      missing); its label source (tips) may be absent.
-    probability: predicted probability of the positive class (big tipper);
-      None for an unscored event (feature drift only).
-    predicted: the predicted class, 0 or 1 (None when unscored).
+      missing); its label source may be absent.
+    predicted: the predicted class index (binary, multi-class) or value
+      (regression); None for an unscored event (feature drift only).
+    probability: binary: the predicted probability of class 1.
   """
   record: Record
+  predicted: Optional[float] = None
   probability: Optional[float] = None
-  predicted: Optional[int] = None
 
   @classmethod
-  def of(cls, record: Record, probability: float,
-         threshold: float = 0.5) -> 'ScoredTrip':
-    return cls(record, float(probability), int(probability >= threshold))
+  def of(cls, problem: Problem, record: Record,
+         inference: dict[str, Any]) -> 'Scored':
+    """From a serving handler's inference dict (``models.serving``)."""
+    if problem.task is Task.REGRESSION:
+      return cls(record, float(inference['prediction']))
+    return cls(record, int(inference['class']), inference.get('probability'))
 
   @classmethod
-  def unscored(cls, record: Record) -> 'ScoredTrip':
+  def unscored(cls, record: Record) -> 'Scored':
     """An event without a prediction: only its features are monitored."""
     return cls(record)
-
-
-def actual_label(record: Record) -> Optional[int]:
-  """The true class when tips are known, else None."""
-  if S.is_missing(record, F.LABEL_KEY):
-    return None
-  return int(F.is_big_tipper(record.values[F.LABEL_KEY],
-                             record.values[F.FARE_KEY]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,26 +112,28 @@ class _Plan(NamedTuple):
   vocabulary: Optional[frozenset]
 
 
-def drift_plan(training_stats: dict[str, Any]) -> tuple[_Plan, ...]:
+def drift_plan(problem: Problem, training_stats: dict[str, Any]
+               ) -> tuple[_Plan, ...]:
   """Per model feature: its training range and vocabulary."""
   plans = []
-  for feature in F.model_features():
+  for feature in problem.model_features:
     st = training_stats['features'][feature.name]
     vocabulary = (frozenset(st['vocabulary'])
                   if S.has_vocabulary(feature) else None)
     # The mean of an id (a community area, an hour of the day) says nothing:
     # identity features are checked for range and unseen values only.
     plans.append(_Plan(
-        feature.name, feature.kind in (F.Kind.NUMERIC, F.Kind.BUCKETIZED),
+        feature.name, feature.kind in (Kind.NUMERIC, Kind.BUCKETIZED),
         S.has_numeric_stats(feature), st.get('min'), st.get('max'),
         vocabulary))
   return tuple(plans)
 
 
-# Quality accumulator: events, scored, predicted positives, labelled,
-# actual positives, labelled and scored, and among those: predicted
-# positives, actual positives, correct.
-_QUALITY_FIELDS = 9
+# Quality accumulator: events, scored, sum of predictions (positives for a
+# binary task), labelled, sum of labels, labelled and scored, and among
+# those: sum of predictions, sum of labels, correct, absolute errors, squared
+# errors, absolute percentage errors (regression).
+_QUALITY_FIELDS = 12
 # Feature accumulator: missing, present, sum, sum of squares, out of range,
 # unseen.
 _FEATURE_FIELDS = 6
@@ -145,8 +143,8 @@ def new_accumulator(plans: tuple[_Plan, ...]) -> list[list[float]]:
   return [[0] * _QUALITY_FIELDS] + [[0] * _FEATURE_FIELDS for _ in plans]
 
 
-def add_scored(acc: list[list[float]], plans: tuple[_Plan, ...],
-               scored: ScoredTrip) -> list[list[float]]:
+def add_scored(problem: Problem, acc: list[list[float]],
+               plans: tuple[_Plan, ...], scored: Scored) -> list[list[float]]:
   """Adds one scored event to a window accumulator."""
   record = scored.record
   quality = acc[0]
@@ -155,7 +153,7 @@ def add_scored(acc: list[list[float]], plans: tuple[_Plan, ...],
   if is_scored:
     quality[1] += 1
     quality[2] += scored.predicted
-  label = actual_label(record)
+  label = R.label_value(problem, record)
   if label is not None:
     quality[3] += 1
     quality[4] += label
@@ -164,6 +162,10 @@ def add_scored(acc: list[list[float]], plans: tuple[_Plan, ...],
       quality[6] += scored.predicted
       quality[7] += label
       quality[8] += int(scored.predicted == label)
+      error = scored.predicted - label
+      quality[9] += abs(error)
+      quality[10] += error * error
+      quality[11] += abs(error) / abs(label) if label else 0.0
   for plan, f_acc in zip(plans, acc[1:]):
     if S.is_missing(record, plan.name):
       f_acc[0] += 1
@@ -197,21 +199,30 @@ def _ratio(num: float, den: float) -> Optional[float]:
   return num / den if den else None
 
 
-def quality_summary(acc: list[list[float]]) -> dict[str, Any]:
-  (n, n_scored, pos, labelled, actual, both, pos_both, actual_both,
-   correct) = acc[0]
-  return {
-      'count': n,
-      'scored': n_scored,
-      'predicted_positive_rate': _ratio(pos, n_scored),
-      'labelled': labelled,
-      'actual_positive_rate': _ratio(actual, labelled),
-      'labelled_scored': both,
-      # On the events that have both, so the two rates are comparable.
-      'predicted_positive_rate_labelled': _ratio(pos_both, both),
-      'actual_positive_rate_scored': _ratio(actual_both, both),
-      'accuracy': _ratio(correct, both),
-  }
+def quality_summary(problem: Problem, acc: list[list[float]]
+                    ) -> dict[str, Any]:
+  """Live quality of a window, per the problem's task (module docstring)."""
+  (n, n_scored, predicted, labelled, actual, both, predicted_both,
+   actual_both, correct, abs_err, sq_err, ape) = acc[0]
+  out = {'task': problem.task.value, 'count': n, 'scored': n_scored,
+         'labelled': labelled, 'labelled_scored': both}
+  if problem.task is Task.REGRESSION:
+    out.update(
+        mean_prediction=_ratio(predicted, n_scored),
+        mean_actual=_ratio(actual, labelled),
+        mae=_ratio(abs_err, both),
+        rmse=math.sqrt(sq_err / both) if both else None,
+        mape=_ratio(ape, both))
+    return out
+  out['accuracy'] = _ratio(correct, both)
+  if problem.task is Task.BINARY:
+    out.update(
+        predicted_positive_rate=_ratio(predicted, n_scored),
+        actual_positive_rate=_ratio(actual, labelled),
+        # On the events that have both, so the two rates are comparable.
+        predicted_positive_rate_labelled=_ratio(predicted_both, both),
+        actual_positive_rate_scored=_ratio(actual_both, both))
+  return out
 
 
 def drift_summary(acc: list[list[float]], plans: tuple[_Plan, ...],
@@ -245,7 +256,8 @@ def drift_summary(acc: list[list[float]], plans: tuple[_Plan, ...],
   return rows
 
 
-def alerts_for(quality: dict[str, Any], drift: list[dict[str, Any]],
+def alerts_for(problem: Problem, quality: dict[str, Any],
+               drift: list[dict[str, Any]],
                thresholds: DriftThresholds) -> list[dict[str, Any]]:
   """Alert dicts (feature, metric, value, threshold) for crossed thresholds."""
   alerts = []
@@ -269,8 +281,9 @@ def alerts_for(quality: dict[str, Any], drift: list[dict[str, Any]],
       check(row['feature'], 'missing_rate_increase',
             row['missing_rate'] - row['train_missing_rate'],
             thresholds.missing_rate_increase, signed=False)
-  if quality['labelled_scored'] >= thresholds.min_count:
-    check(F.TRANSFORMED_LABEL_KEY, 'positive_rate_gap',
+  if (problem.task is Task.BINARY
+      and quality['labelled_scored'] >= thresholds.min_count):
+    check(problem.label.name, 'positive_rate_gap',
           quality['predicted_positive_rate_labelled']
           - quality['actual_positive_rate_scored'], thresholds.rate_gap)
   return alerts
@@ -281,14 +294,15 @@ def alerts_for(quality: dict[str, Any], drift: list[dict[str, Any]],
 class MonitorFn(beam.CombineFn):
   """Scored events of a window -> its accumulator (report in a DoFn)."""
 
-  def __init__(self, training_stats: dict[str, Any]):
-    self._plans = drift_plan(training_stats)
+  def __init__(self, problem: Problem, training_stats: dict[str, Any]):
+    self._problem = problem
+    self._plans = drift_plan(problem, training_stats)
 
   def create_accumulator(self):
     return new_accumulator(self._plans)
 
-  def add_input(self, acc, scored: ScoredTrip):
-    return add_scored(acc, self._plans, scored)
+  def add_input(self, acc, scored: Scored):
+    return add_scored(self._problem, acc, self._plans, scored)
 
   def merge_accumulators(self, accs):
     return merge_accumulators(accs)
@@ -300,10 +314,11 @@ class MonitorFn(beam.CombineFn):
 class _ReportFn(beam.DoFn):
   """Window accumulator -> quality row, drift rows and alerts."""
 
-  def __init__(self, training_stats: dict[str, Any],
+  def __init__(self, problem: Problem, training_stats: dict[str, Any],
                thresholds: DriftThresholds, alert_on_early: bool):
+    self._problem = problem
     self._stats = training_stats
-    self._plans = drift_plan(training_stats)
+    self._plans = drift_plan(problem, training_stats)
     self._thresholds = thresholds
     self._alert_on_early = alert_on_early
     self._alerts = Metrics.counter(_NAMESPACE, 'alerts')
@@ -312,43 +327,45 @@ class _ReportFn(beam.DoFn):
               pane=beam.DoFn.PaneInfoParam):
     _, acc = element
     where = {**windowing.window_fields(window), **windowing.pane_fields(pane)}
-    quality = quality_summary(acc)
+    quality = quality_summary(self._problem, acc)
     drift = drift_summary(acc, self._plans, self._stats)
     yield beam.pvalue.TaggedOutput('quality', {**where, **quality})
     for row in drift:
       yield beam.pvalue.TaggedOutput('drift', {**where, **row})
     if where['timing'] == 'EARLY' and not self._alert_on_early:
       return
-    for alert in alerts_for(quality, drift, self._thresholds):
+    for alert in alerts_for(self._problem, quality, drift, self._thresholds):
       self._alerts.inc()
       yield beam.pvalue.TaggedOutput('alerts', {**alert, **where})
 
 
-def describe(scored: ScoredTrip) -> dict[str, Any]:
+def describe(scored: Scored) -> dict[str, Any]:
   """A scored event as JSON (late records)."""
   return {**scored.record.values, 'probability': scored.probability,
           'predicted': scored.predicted}
 
 
-def _global_key(unused_scored: ScoredTrip) -> str:
+def _global_key(unused_scored: Scored) -> str:
   return _GLOBAL_KEY
 
 
 class MonitorPredictions(beam.PTransform):
-  """Timestamped ``ScoredTrip``s -> quality, drift, alerts, late.
+  """Timestamped ``Scored`` events -> quality, drift, alerts, late.
 
   Args:
+    problem: the events' problem (task, features).
     training_stats: the ``stats.json`` dict of the model's training run.
     config: windowing (its ``key`` is unused: the monitor is per window).
     thresholds: when to alert.
     alert_on_early: also alert on EARLY (partial) panes.
   """
 
-  def __init__(self, training_stats: dict[str, Any],
+  def __init__(self, problem: Problem, training_stats: dict[str, Any],
                config: windowing.WindowConfig = windowing.WindowConfig(),
                thresholds: DriftThresholds = DriftThresholds(),
                alert_on_early: bool = False):
     super().__init__()
+    self._problem = problem
     self._stats = training_stats
     self._config = config
     self._thresholds = thresholds
@@ -360,9 +377,11 @@ class MonitorPredictions(beam.PTransform):
         describe=describe)
     reports = (
         split['windowed']
-        | 'CombineWindow' >> beam.CombinePerKey(MonitorFn(self._stats))
+        | 'CombineWindow' >> beam.CombinePerKey(
+            MonitorFn(self._problem, self._stats))
         | 'Report' >> beam.ParDo(_ReportFn(
-            self._stats, self._thresholds, self._alert_on_early)
+            self._problem, self._stats, self._thresholds,
+            self._alert_on_early)
         ).with_outputs('quality', 'drift', 'alerts'))
     return {'quality': reports.quality, 'drift': reports.drift,
             'alerts': reports.alerts, 'late': split['late']}

@@ -2,17 +2,19 @@
 
 A CSV row (a dict of strings, as ``csv.DictReader`` yields) or a JSON event (a
 dict decoded from a Kafka message) becomes a typed ``Record`` whose values
-match ``features.raw_feature_spec()``, or an ``InvalidRecord`` error that
+match ``problem.raw_feature_spec()``, or an ``InvalidRecord`` error that
 lists every bad field with its value and a reason. Training and serving call
 the same functions, so a value that is invalid for one is invalid for both.
 
-Rules (derived from ``features.FEATURES``):
+Rules (derived from the problem's feature table, ``transforms.problem``):
 
 * missing (absent, JSON ``null``, or empty string) -> the declared default, or
   an error ``missing`` if the feature is required;
 * a float that is not a finite number -> ``not a finite number``;
 * an int feature given a non-integral value -> ``not an integer``;
-* an IDENTITY feature outside its domain -> ``out of domain``;
+* a number outside its declared domain -> ``out of domain``;
+* a date-time event time not in its format -> a reason naming the format;
+* a label outside the declared classes -> ``not one of the classes``;
 * an unseen string category is *valid*: it maps to an out-of-vocabulary
   bucket in the model and is counted by the drift monitor;
 * JSON values must have JSON types matching the feature: a number for numeric
@@ -20,8 +22,9 @@ Rules (derived from ``features.FEATURES``):
 
 Example (no pipeline needed)::
 
-    from transforms import records
-    rec = records.parse_json({'fare': 12.5, ...})
+    from transforms import problem, records
+    taxi = problem.load('taxi')
+    rec = records.parse_json(taxi, {'fare': 12.5, ...})
     rec.values['fare']  # 12.5
 """
 
@@ -31,9 +34,9 @@ import dataclasses
 import hashlib
 import json
 import math
-from typing import Any, Iterable, Mapping, NamedTuple
+from typing import Any, Iterable, Mapping, NamedTuple, Optional
 
-from transforms.features import DType, FEATURES, Feature, Kind
+from transforms.problem import DType, Feature, Kind, Problem, TimeUnit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,9 +71,11 @@ class Record(NamedTuple):
     values: feature name -> typed value, defaults filled in (dense).
     missing: names of features that were missing and got their default; the
       training statistics and drift checks count them.
+    event_id: the value of the problem's ``event_id`` field, if any.
   """
   values: dict[str, Any]
   missing: tuple[str, ...]
+  event_id: Optional[str] = None
 
 
 _MISSING = object()
@@ -80,12 +85,32 @@ def _is_missing(value: Any) -> bool:
   return value is _MISSING or value is None or value == ''
 
 
-def _coerce(feature: Feature, value: Any, from_text: bool) -> Any:
+def _check_domain(feature: Feature, number: float) -> None:
+  if feature.domain is None:
+    return
+  low, high = feature.domain
+  if (low is not None and number < low) or (high is not None and number > high):
+    low_text = '-inf' if low is None else f'{low:g}'
+    high_text = 'inf' if high is None else f'{high:g}'
+    raise ValueError(f'out of domain [{low_text}, {high_text}]')
+
+
+def _coerce(problem: Problem, feature: Feature, value: Any,
+            from_text: bool) -> Any:
   """Converts one present raw value; raises ValueError(reason)."""
   if feature.dtype is DType.STRING:
     if not from_text and not isinstance(value, str):
       raise ValueError(f'expected a string, got {type(value).__name__}')
+    if (feature.name == problem.label.column and problem.label.classes
+        and value not in problem.label.classes):
+      raise ValueError(f'not one of the classes {list(problem.label.classes)}')
     return value
+  if (feature.kind is Kind.EVENT_TIME
+      and problem.event_time.unit is TimeUnit.FORMAT):
+    if not isinstance(value, str):
+      raise ValueError(f'expected a date-time string, got '
+                       f'{type(value).__name__}')
+    return problem.event_time.parse_text(value)
   if isinstance(value, bool):
     raise ValueError('expected a number, got bool')
   if from_text:
@@ -100,25 +125,26 @@ def _coerce(feature: Feature, value: Any, from_text: bool) -> Any:
   if not math.isfinite(number):
     raise ValueError('not a finite number')
   if feature.dtype is DType.FLOAT:
+    _check_domain(feature, number)
     return number
   if number != int(number):
     raise ValueError('not an integer')
   integer = int(number)
-  if feature.domain is not None:
-    low, high = feature.domain
-    if not low <= integer <= high:
-      raise ValueError(f'out of domain [{low}, {high}]')
+  _check_domain(feature, integer)
+  if problem.label.classes and feature.name == problem.label.column and (
+      integer not in problem.label.classes):
+    raise ValueError(f'not one of the classes {list(problem.label.classes)}')
   return integer
 
 
-def _parse(raw: Mapping[str, Any], from_text: bool,
+def _parse(problem: Problem, raw: Mapping[str, Any], from_text: bool,
            require_label: bool) -> Record:
   if not isinstance(raw, Mapping):
     raise InvalidRecord([FieldError('*', raw, 'expected an object')])
   values: dict[str, Any] = {}
   missing: list[str] = []
   errors: list[FieldError] = []
-  for feature in FEATURES:
+  for feature in problem.features:
     value = raw.get(feature.name, _MISSING)
     if _is_missing(value):
       required = feature.required and (
@@ -131,49 +157,77 @@ def _parse(raw: Mapping[str, Any], from_text: bool,
         missing.append(feature.name)
       continue
     try:
-      values[feature.name] = _coerce(feature, value, from_text)
+      values[feature.name] = _coerce(problem, feature, value, from_text)
     except ValueError as e:
       errors.append(FieldError(feature.name, value, str(e)))
   if errors:
     raise InvalidRecord(errors)
-  return Record(values, tuple(missing))
+  event_id = None
+  if problem.event_id is not None:
+    given = raw.get(problem.event_id)
+    event_id = None if _is_missing(given) else str(given)
+  return Record(values, tuple(missing), event_id)
 
 
-def parse_csv_row(row: Mapping[str, str], require_label: bool = True) -> Record:
+def parse_csv_row(problem: Problem, row: Mapping[str, str],
+                  require_label: bool = True) -> Record:
   """Parses a CSV row (strings; '' is missing). Raises InvalidRecord."""
-  return _parse(row, from_text=True, require_label=require_label)
+  return _parse(problem, row, from_text=True, require_label=require_label)
 
 
-def parse_json(event: Any, require_label: bool = False) -> Record:
+def parse_json(problem: Problem, event: Any,
+               require_label: bool = False) -> Record:
   """Parses a decoded JSON event. Raises InvalidRecord.
 
   Serving events usually carry no label, so it is optional by default; when
-  present it is validated and kept (for live accuracy).
+  present it is validated and kept (for live quality).
   """
-  return _parse(event, from_text=False, require_label=require_label)
+  return _parse(problem, event, from_text=False, require_label=require_label)
 
 
-def parse_json_bytes(payload: bytes, require_label: bool = False) -> Record:
+def parse_json_bytes(problem: Problem, payload: bytes,
+                     require_label: bool = False) -> Record:
   """Decodes and parses a Kafka message value. Raises InvalidRecord."""
   try:
     event = json.loads(payload)
   except (UnicodeDecodeError, ValueError) as e:
     raise InvalidRecord([FieldError('*', None, f'not JSON: {e}')]) from None
-  return parse_json(event, require_label=require_label)
+  return parse_json(problem, event, require_label=require_label)
 
 
-def csv_row_to_event(row: Mapping[str, str]) -> dict[str, Any]:
+def event_seconds(problem: Problem, record: Record) -> Optional[float]:
+  """The record's event time in Unix seconds (None: no event-time field)."""
+  field = problem.event_time.field
+  if field is None:
+    return None
+  return problem.event_time.seconds(record.values[field])
+
+
+def label_value(problem: Problem, record: Record) -> Any:
+  """The record's label (class index or target), None when it has none."""
+  if problem.label.column not in record.values or (
+      problem.label.column in record.missing):
+    return None
+  return problem.label.value(record.values)
+
+
+def csv_row_to_event(problem: Problem,
+                     row: Mapping[str, str]) -> dict[str, Any]:
   """A CSV row as a JSON event, losslessly: '' -> absent, numbers as numbers.
 
   Values that do not convert stay strings, so a bad row stays bad and is
   rejected by the consumer rather than repaired by the producer.
   """
   event: dict[str, Any] = {}
-  for feature in FEATURES:
+  if problem.event_id is not None and row.get(problem.event_id):
+    event[problem.event_id] = row[problem.event_id]
+  for feature in problem.features:
     value = row.get(feature.name, '')
-    if value == '':
+    if value == '' or value is None:
       continue
-    if feature.dtype is DType.STRING:
+    if feature.dtype is DType.STRING or (
+        feature.kind is Kind.EVENT_TIME
+        and problem.event_time.unit is TimeUnit.FORMAT):
       event[feature.name] = value
       continue
     try:
@@ -189,14 +243,15 @@ def csv_row_to_event(row: Mapping[str, str]) -> dict[str, Any]:
   return event
 
 
-def record_key(raw: Mapping[str, Any]) -> str:
+def record_key(problem: Problem, raw: Mapping[str, Any]) -> str:
   """A stable id of a raw record, from its feature values only.
 
   Identical trips get the same key, so they land in the same split and
   duplicates cannot leak from train to eval.
   """
   canonical = json.dumps(
-      [str(raw.get(f.name, '')) for f in FEATURES], separators=(',', ':'))
+      [str(raw.get(f.name, '')) for f in problem.features],
+      separators=(',', ':'))
   return hashlib.sha1(canonical.encode('utf-8')).hexdigest()[:16]
 
 
@@ -205,8 +260,26 @@ def is_eval(key: str, eval_percent: int) -> bool:
   return int(key[:8], 16) % 100 < eval_percent
 
 
-def read_csv(path: str) -> Iterable[dict[str, str]]:
-  """Rows of a local CSV file as dicts of strings."""
+def csv_rows(problem: Problem, lines: Iterable[str]
+             ) -> Iterable[tuple[int, dict[str, str]]]:
+  """(line number, row dict) of CSV text lines in the problem's layout.
+
+  Ragged rows: extra values go under the key None, missing ones are None.
+  """
   import csv
+  fmt = problem.csv
+  lines = iter(lines)
+  for _ in range(fmt.skip_lines):
+    next(lines, None)
+  reader = csv.DictReader(lines, fieldnames=fmt.columns,
+                          delimiter=fmt.delimiter,
+                          skipinitialspace=fmt.skip_initial_space)
+  for row in reader:
+    yield reader.line_num + fmt.skip_lines, row
+
+
+def read_csv(problem: Problem, path: str) -> Iterable[dict[str, str]]:
+  """Rows of a local CSV file as dicts of strings."""
   with open(path, newline='', encoding='utf-8') as f:
-    yield from csv.DictReader(f)
+    for _, row in csv_rows(problem, f):
+      yield row

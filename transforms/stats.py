@@ -30,15 +30,16 @@ Format (JSON-serializable, written as ``stats.json``)::
 
 ``min``/``max``/``mean``/``std`` (population std) cover present values only and
 are ``null`` when every value is missing. ``vocabulary`` is the full set of
-seen values up to ``features.VOCAB_SIZE`` (the size of the model's own
+seen values up to the problem's ``vocab_size`` (the size of the model's own
 vocabulary), so the drift monitor can judge an unseen category the way the
 model does: anything outside it is out of vocabulary.
 
 Example::
 
-    from transforms import records, stats
-    rows = records.read_csv('data/taxi_trips.csv')
-    s = stats.compute_stats(records.parse_csv_row(r) for r in rows)
+    from transforms import problem, records, stats
+    taxi = problem.load('taxi')
+    rows = records.read_csv(taxi, 'data/taxi_trips.csv')
+    s = stats.compute_stats(taxi, (records.parse_csv_row(taxi, r) for r in rows))
     s['features']['fare']['mean']
 """
 
@@ -51,11 +52,10 @@ from typing import Any, Iterable
 
 import apache_beam as beam
 
-from transforms.features import FEATURES, Feature, Kind, VOCAB_SIZE
+from transforms.problem import DType, Feature, Kind, Problem
 from transforms.records import Record
 
 TOP_VALUES = 20
-VOCABULARY_CAP = VOCAB_SIZE
 
 # Kinds that get min/max/mean/std, and kinds that get value counts.
 _NUMERIC_KINDS = frozenset({Kind.NUMERIC, Kind.BUCKETIZED, Kind.LABEL,
@@ -65,12 +65,13 @@ _COUNTED_KINDS = frozenset({Kind.CATEGORICAL, Kind.IDENTITY})
 
 def has_numeric_stats(feature: Feature) -> bool:
   """Whether ``feature`` gets min/max/mean/std in the statistics."""
-  return feature.kind in _NUMERIC_KINDS
+  return feature.kind in _NUMERIC_KINDS and feature.dtype is not DType.STRING
 
 
 def has_vocabulary(feature: Feature) -> bool:
   """Whether ``feature`` gets top values and a vocabulary."""
-  return feature.kind in _COUNTED_KINDS
+  return feature.kind in _COUNTED_KINDS or (
+      feature.kind is Kind.LABEL and feature.dtype is DType.STRING)
 
 
 def is_missing(record: Record, name: str) -> bool:
@@ -111,13 +112,13 @@ def _new_feature_acc() -> list[Any]:
 
 def _add_value(acc: list[Any], feature: Feature, value: Any) -> None:
   acc[_PRESENT] += 1
-  if feature.kind in _NUMERIC_KINDS:
+  if has_numeric_stats(feature):
     x = float(value)
     acc[_MIN] = x if acc[_MIN] is None else min(acc[_MIN], x)
     acc[_MAX] = x if acc[_MAX] is None else max(acc[_MAX], x)
     _add_exact(acc[_SUM], x)
     _add_exact(acc[_SUMSQ], x * x)
-  if feature.kind in _COUNTED_KINDS:
+  if has_vocabulary(feature):
     acc[_VALUES][value] = acc[_VALUES].get(value, 0) + 1
 
 
@@ -134,8 +135,8 @@ def _merge_feature(into: list[Any], other: list[Any]) -> None:
     into[_VALUES][value] = into[_VALUES].get(value, 0) + count
 
 
-def _feature_output(feature: Feature, acc: list[Any], total: int
-                    ) -> dict[str, Any]:
+def _feature_output(feature: Feature, acc: list[Any], total: int,
+                    vocabulary_cap: int) -> dict[str, Any]:
   out: dict[str, Any] = {
       'kind': feature.kind.value,
       'dtype': feature.dtype.value,
@@ -144,33 +145,36 @@ def _feature_output(feature: Feature, acc: list[Any], total: int
       'missing_rate': acc[_MISSING] / total if total else 0.0,
   }
   n = acc[_PRESENT]
-  if feature.kind in _NUMERIC_KINDS:
+  if has_numeric_stats(feature):
     if n:
       s, q = _exact(acc[_SUM]), _exact(acc[_SUMSQ])
       out.update(min=acc[_MIN], max=acc[_MAX], mean=float(s / n),
                  std=math.sqrt(max(float((q * n - s * s) / (n * n)), 0.0)))
     else:
       out.update(min=None, max=None, mean=None, std=None)
-  if feature.kind in _COUNTED_KINDS:
+  if has_vocabulary(feature):
     # Most frequent first; ties by value so the order is deterministic.
     ranked = sorted(acc[_VALUES].items(), key=lambda vc: (-vc[1], str(vc[0])))
     out.update(
         top_values=[{'value': v, 'count': c} for v, c in ranked[:TOP_VALUES]],
         vocabulary_size=len(ranked),
-        vocabulary=[v for v, _ in ranked[:VOCABULARY_CAP]],
-        vocabulary_truncated=len(ranked) > VOCABULARY_CAP)
+        vocabulary=[v for v, _ in ranked[:vocabulary_cap]],
+        vocabulary_truncated=len(ranked) > vocabulary_cap)
   return out
 
 
 class FeatureStatsFn(beam.CombineFn):
   """Combines ``Record``s into the statistics dict (see module docstring)."""
 
+  def __init__(self, problem: Problem):
+    self._problem = problem
+
   def create_accumulator(self) -> list[Any]:
-    return [0, [_new_feature_acc() for _ in FEATURES]]
+    return [0, [_new_feature_acc() for _ in self._problem.features]]
 
   def add_input(self, accumulator: list[Any], record: Record) -> list[Any]:
     accumulator[0] += 1
-    for feature, acc in zip(FEATURES, accumulator[1]):
+    for feature, acc in zip(self._problem.features, accumulator[1]):
       if is_missing(record, feature.name):
         acc[_MISSING] += 1
       else:
@@ -192,15 +196,16 @@ class FeatureStatsFn(beam.CombineFn):
     return {
         'count': total,
         'features': {
-            f.name: _feature_output(f, acc, total)
-            for f, acc in zip(FEATURES, accumulator[1])
+            f.name: _feature_output(f, acc, total, self._problem.vocab_size)
+            for f, acc in zip(self._problem.features, accumulator[1])
         },
     }
 
 
-def compute_stats(records: Iterable[Record]) -> dict[str, Any]:
+def compute_stats(problem: Problem, records: Iterable[Record]
+                  ) -> dict[str, Any]:
   """Statistics of ``records``; identical to ``ComputeFeatureStats``."""
-  fn = FeatureStatsFn()
+  fn = FeatureStatsFn(problem)
   accumulator = fn.create_accumulator()
   for record in records:
     accumulator = fn.add_input(accumulator, record)
@@ -211,17 +216,19 @@ class ComputeFeatureStats(beam.PTransform):
   """``PCollection[Record]`` -> a single statistics dict.
 
   Args:
+    problem: whose features to describe.
     windowed: set for a windowed (e.g. streaming) input: one dict per window
       and no output for empty windows. By default the input is in the global
       window and an empty input still yields a dict with ``count`` 0.
   """
 
-  def __init__(self, windowed: bool = False):
+  def __init__(self, problem: Problem, windowed: bool = False):
     super().__init__()
+    self._problem = problem
     self._windowed = windowed
 
   def expand(self, records):
-    combine = beam.CombineGlobally(FeatureStatsFn())
+    combine = beam.CombineGlobally(FeatureStatsFn(self._problem))
     if self._windowed:
       combine = combine.without_defaults()
     return records | 'CombineFeatureStats' >> combine

@@ -1,11 +1,13 @@
-"""Event-time windowing of trips, with late data as an explicit output.
+"""Event-time windowing of records, with late data as an explicit output.
 
-``WindowedTripStats(config)`` takes timestamped ``records.Record``s (event
-time from ``features.EVENT_TIME_KEY``) and returns two PCollections:
+``WindowedAggregates(problem, config)`` takes timestamped ``records.Record``s
+(event time from the problem's event-time field, ``AssignEventTime``) and
+returns two PCollections:
 
-* ``'stats'``: one JSON-ready dict per key, window and pane: count, sum and
-  mean of fare and tips, tip rate, the window (ISO and epoch seconds) and the
-  pane (timing EARLY / ON_TIME / LATE, index, is_last);
+* ``'stats'``: one JSON-ready dict per key, window and pane: the count and
+  the problem's aggregates (``<field>_count``, ``_sum``, ``_mean``, ``_min``,
+  ``_max``, ratios such as the taxi tip rate), the window (ISO and epoch
+  seconds) and the pane (timing EARLY / ON_TIME / LATE, index, is_last);
 * ``'late'``: every record that arrived after the watermark had passed the end
   of its window plus the allowed lateness, with the reason and the window it
   missed. Counted by ``Metrics.counter('windowing', 'too_late')``.
@@ -50,7 +52,7 @@ Example::
 
     cfg = WindowConfig(kind='fixed', size=3600, allowed_lateness=7200,
                        early_every=10, late_every=1)
-    out = timestamped_records | WindowedTripStats(cfg)
+    out = timestamped_records | WindowedAggregates(problem, cfg)
     out['stats'] | WriteStats(...); out['late'] | WriteLate(...)
 """
 
@@ -71,8 +73,8 @@ from apache_beam.transforms import window as W
 from apache_beam.utils.timestamp import Duration, Timestamp
 from apache_beam.utils.windowed_value import PaneInfo, PaneInfoTiming
 
-from transforms.features import COMMUNITY_AREA_KEY, FARE_KEY, LABEL_KEY
-from transforms.features import FEATURES_BY_NAME
+from transforms import records as R
+from transforms.problem import Op, Problem
 from transforms.records import Record
 
 LATE_TAG = 'late'
@@ -94,7 +96,7 @@ class Accumulation(enum.Enum):
 
 @dataclasses.dataclass(frozen=True)
 class WindowConfig:
-  """How trips are windowed and when panes fire. Times are in seconds.
+  """How records are windowed and when panes fire. Times are in seconds.
 
   Attributes:
     kind: fixed, sliding or session windows.
@@ -110,7 +112,8 @@ class WindowConfig:
       elements are never held back without a pane, see ``margin``).
     accumulation: accumulating (every pane holds the whole window so far) or
       discarding (every pane holds only what arrived since the last pane).
-    key: the raw feature the aggregates are grouped by.
+    key: the raw feature the aggregates are grouped by; None: the problem's
+      ``entity_key`` (or one group, ``'all'``, if it has none).
     shards: parallelism of the lateness splitter (see module docstring).
     lateness_margin: extra time the aggregation keeps windows open beyond
       allowed_lateness; None for one clock step.
@@ -123,7 +126,7 @@ class WindowConfig:
   early_every: float = 0
   late_every: int = 1
   accumulation: Accumulation = Accumulation.ACCUMULATING
-  key: str = COMMUNITY_AREA_KEY
+  key: Optional[str] = None
   shards: int = 1
   lateness_margin: Optional[float] = None
 
@@ -131,8 +134,6 @@ class WindowConfig:
     # Accept the flag spellings ('fixed', 'discarding') as well as the enums.
     object.__setattr__(self, 'kind', WindowKind(self.kind))
     object.__setattr__(self, 'accumulation', Accumulation(self.accumulation))
-    if self.key not in FEATURES_BY_NAME:
-      raise ValueError(f'unknown key feature {self.key!r}')
     if min(self.size, self.period, self.gap) <= 0:
       raise ValueError('size, period and gap must be positive')
     if self.kind is WindowKind.SLIDING and self.period > self.size:
@@ -214,7 +215,7 @@ def late_event(key_name: str, key: Any, values: dict[str, Any],
                ) -> dict[str, Any]:
   """The JSON record of an element routed to the late output.
 
-  ``values`` is the element as JSON (for trips, ``Record.values``).
+  ``values`` is the element as JSON (for records, ``Record.values``).
   """
   return {
       'reason': 'watermark passed window end + allowed lateness',
@@ -228,41 +229,76 @@ def late_event(key_name: str, key: Any, values: dict[str, Any],
   }
 
 
-class TripAggregate(NamedTuple):
-  count: int = 0
-  fare_sum: float = 0.0
-  tips_count: int = 0            # records whose tips are known
-  tips_sum: float = 0.0
-  fare_sum_with_tips: float = 0.0
+def new_aggregate(problem: Problem) -> list[float]:
+  """An empty accumulator: [count, then per aggregate field count, sum, min,
+  max, then per ratio numerator and denominator sums]."""
+  return ([0] + [0, 0.0, None, None] * len(problem.aggregates)
+          + [0.0, 0.0] * len(problem.ratios))
 
 
-def add_trip(acc: TripAggregate, record: Record) -> TripAggregate:
-  """Adds one record; tips are optional (unlabelled serving events)."""
-  fare = record.values[FARE_KEY]
-  tips = record.values.get(LABEL_KEY)
-  if tips is None or LABEL_KEY in record.missing:
-    return acc._replace(count=acc.count + 1, fare_sum=acc.fare_sum + fare)
-  return TripAggregate(acc.count + 1, acc.fare_sum + fare, acc.tips_count + 1,
-                       acc.tips_sum + tips, acc.fare_sum_with_tips + fare)
+def _present(record: Record, name: str) -> bool:
+  return name in record.values and name not in record.missing
 
 
-def merge_trips(accs: Iterable[TripAggregate]) -> TripAggregate:
-  return TripAggregate(*(sum(column) for column in zip(TripAggregate(),
-                                                       *accs)))
+def add_record(problem: Problem, acc: list, record: Record) -> list:
+  """Adds one record; absent fields (an unlabelled event's label) are
+  skipped, so ``<field>_count`` says how many records had it."""
+  acc[0] += 1
+  i = 1
+  for aggregate in problem.aggregates:
+    if _present(record, aggregate.field):
+      x = float(record.values[aggregate.field])
+      acc[i] += 1
+      acc[i + 1] += x
+      acc[i + 2] = x if acc[i + 2] is None else min(acc[i + 2], x)
+      acc[i + 3] = x if acc[i + 3] is None else max(acc[i + 3], x)
+    i += 4
+  for ratio in problem.ratios:
+    if _present(record, ratio.numerator) and _present(
+        record, ratio.denominator):
+      acc[i] += float(record.values[ratio.numerator])
+      acc[i + 1] += float(record.values[ratio.denominator])
+    i += 2
+  return acc
 
 
-def trip_summary(acc: TripAggregate) -> dict[str, Any]:
-  """count, fare/tips sums and means, tip rate = tips / fare."""
-  return {
-      'count': acc.count,
-      'fare_sum': acc.fare_sum,
-      'fare_mean': acc.fare_sum / acc.count if acc.count else None,
-      'tips_count': acc.tips_count,
-      'tips_sum': acc.tips_sum,
-      'tips_mean': acc.tips_sum / acc.tips_count if acc.tips_count else None,
-      'tip_rate': (acc.tips_sum / acc.fare_sum_with_tips
-                   if acc.fare_sum_with_tips else None),
-  }
+def merge_aggregates(problem: Problem, accs: Iterable[list]) -> list:
+  accs = iter(accs)
+  merged = list(next(accs))
+  for acc in accs:
+    merged[0] += acc[0]
+    i = 1
+    for _ in problem.aggregates:
+      merged[i] += acc[i]
+      merged[i + 1] += acc[i + 1]
+      for j, pick in ((i + 2, min), (i + 3, max)):
+        if acc[j] is not None:
+          merged[j] = acc[j] if merged[j] is None else pick(merged[j], acc[j])
+      i += 4
+    for _ in problem.ratios:
+      merged[i] += acc[i]
+      merged[i + 1] += acc[i + 1]
+      i += 2
+  return merged
+
+
+def summarize(problem: Problem, acc: list) -> dict[str, Any]:
+  """count, ``<field>_count`` and ``<field>_<op>`` per aggregate, ratios."""
+  out: dict[str, Any] = {'count': acc[0]}
+  i = 1
+  for aggregate in problem.aggregates:
+    n, total, low, high = acc[i:i + 4]
+    values = {Op.SUM: total, Op.MEAN: total / n if n else None,
+              Op.MIN: low, Op.MAX: high}
+    out[f'{aggregate.field}_count'] = n
+    for op in aggregate.ops:
+      out[f'{aggregate.field}_{op.value}'] = values[op]
+    i += 4
+  for ratio in problem.ratios:
+    numerator, denominator = acc[i:i + 2]
+    out[ratio.name] = numerator / denominator if denominator else None
+    i += 2
+  return out
 
 
 def window_result(key_name: str, key: Any, summary: dict[str, Any],
@@ -274,21 +310,23 @@ def window_result(key_name: str, key: Any, summary: dict[str, Any],
 
 # ---------------------------------------------------------------- transforms
 
-class TripAggregateFn(beam.CombineFn):
-  """Combines records into a ``trip_summary`` dict."""
+class AggregateFn(beam.CombineFn):
+  """Combines records into the ``summarize`` dict of their problem."""
 
-  def create_accumulator(self) -> TripAggregate:
-    return TripAggregate()
+  def __init__(self, problem: Problem):
+    self._problem = problem
 
-  def add_input(self, acc: TripAggregate, record: Record) -> TripAggregate:
-    return add_trip(acc, record)
+  def create_accumulator(self) -> list:
+    return new_aggregate(self._problem)
 
-  def merge_accumulators(self, accs: Iterable[TripAggregate]
-                         ) -> TripAggregate:
-    return merge_trips(accs)
+  def add_input(self, acc: list, record: Record) -> list:
+    return add_record(self._problem, acc, record)
 
-  def extract_output(self, acc: TripAggregate) -> dict[str, Any]:
-    return trip_summary(acc)
+  def merge_accumulators(self, accs: Iterable[list]) -> list:
+    return merge_aggregates(self._problem, accs)
+
+  def extract_output(self, acc: list) -> dict[str, Any]:
+    return summarize(self._problem, acc)
 
 
 class _Forwarded(NamedTuple):
@@ -298,14 +336,17 @@ class _Forwarded(NamedTuple):
   window: Optional[tuple[int, int]]   # (start, end) micros; None: sessions
 
 
-class RecordKey:
-  """``record.values[name]``: the default grouping key of a Record."""
+ALL = 'all'
 
-  def __init__(self, name: str):
+
+class RecordKey:
+  """``record.values[name]``: the grouping key of a Record (None: 'all')."""
+
+  def __init__(self, name: Optional[str]):
     self.name = name
 
   def __call__(self, record: Record) -> Any:
-    return record.values[self.name]
+    return ALL if self.name is None else record.values[self.name]
 
 
 def record_values(record: Record) -> dict[str, Any]:
@@ -438,7 +479,8 @@ class WindowWithLateOutput(beam.PTransform):
   Args:
     config: the windowing.
     key_fn: element -> grouping key; default ``record.values[config.key]``.
-    key_name: name of the key in late records; default ``config.key``.
+    key_name: name of the key in late records; default ``config.key``
+      (or 'all').
     describe: element -> JSON dict for late records; default
       ``record.values``.
   """
@@ -448,7 +490,7 @@ class WindowWithLateOutput(beam.PTransform):
     super().__init__()
     self._config = config
     self._key_fn = key_fn or RecordKey(config.key)
-    self._key_name = key_name or config.key
+    self._key_name = key_name or config.key or ALL
     self._describe = describe or record_values
 
   def expand(self, elements):
@@ -496,30 +538,44 @@ class _FormatPaneFn(beam.DoFn):
     yield row
 
 
-class WindowedTripStats(beam.PTransform):
-  """Timestamped records -> {'stats': pane dicts, 'late': late dicts}."""
+class WindowedAggregates(beam.PTransform):
+  """Timestamped records -> {'stats': pane dicts, 'late': late dicts}.
 
-  def __init__(self, config: WindowConfig):
+  Grouped by ``config.key``, else the problem's entity key, else one group.
+  """
+
+  def __init__(self, problem: Problem, config: WindowConfig):
     super().__init__()
-    self._config = config
+    key = config.key or problem.entity_key
+    if key is not None and key not in problem.features_by_name:
+      raise ValueError(f'{problem.name} has no feature {key!r} to group by')
+    self._problem = problem
+    self._config = dataclasses.replace(config, key=key)
 
   def expand(self, records):
-    split = records | 'WindowTrips' >> WindowWithLateOutput(self._config)
+    split = records | 'WindowRecords' >> WindowWithLateOutput(self._config)
     stats = (split['windowed']
-             | 'CombineTrips' >> beam.CombinePerKey(TripAggregateFn())
+             | 'CombineRecords' >> beam.CombinePerKey(
+                 AggregateFn(self._problem))
              | 'FormatPanes' >> beam.ParDo(_FormatPaneFn(
-                 self._config.key, self._config.accumulation)))
+                 self._config.key or ALL, self._config.accumulation)))
     return {'stats': stats, 'late': split['late']}
 
 
-def with_event_time(record: Record) -> beam.window.TimestampedValue:
-  """Timestamps a record with its event time (``EVENT_TIME_KEY``)."""
-  from transforms.features import EVENT_TIME_KEY
-  return beam.window.TimestampedValue(record, record.values[EVENT_TIME_KEY])
-
-
 class AssignEventTime(beam.PTransform):
-  """Records -> the same records timestamped with their event time."""
+  """Records -> the same records timestamped with their event time.
+
+  A problem without an event-time field keeps the input's timestamps (the
+  Kafka timestamp of streamed events).
+  """
+
+  def __init__(self, problem: Problem):
+    super().__init__()
+    self._problem = problem
 
   def expand(self, records):
-    return records | 'TimestampByEventTime' >> beam.Map(with_event_time)
+    problem = self._problem
+    if problem.event_time.field is None:
+      return records
+    return records | 'TimestampByEventTime' >> beam.Map(
+        lambda r: beam.window.TimestampedValue(r, R.event_seconds(problem, r)))
