@@ -8,6 +8,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat setup.py | sha1sum | cut -c1-12)
 RUN_DIR ?= $(HOME)/.cache/rtml/run
 DEMO_DIR ?= $(RUN_DIR)/demo
+# The problem `make demo` runs: taxi, houses, exasens, or a problem file
+# of your own (then also DATA=your.csv).
+PROBLEM ?= taxi
+DATA ?=
 PYTEST_ARGS ?=
 # TensorFlow's C++ start-up chatter hides the progress lines.
 export TF_CPP_MIN_LOG_LEVEL ?= 2
@@ -39,7 +43,7 @@ prism: install
 	$(PY) -m runners.prism
 
 demo: install prism
-	$(PY) -m runners.demo --work_dir $(DEMO_DIR)
+	$(PY) -m tools.demo --problem $(PROBLEM) $(if $(DATA),--input $(DATA)) --work_dir $(DEMO_DIR)
 
 train: install
 	$(PY) -m pipelines.train --input 'data/taxi_trips.csv' --output_dir $(RUN_DIR)/train
@@ -49,7 +53,7 @@ test: install prism
 
 RATE ?= 200
 replay: install
-	$(PY) -m pipelines.replay --input data/taxi_trips.csv --topic trips \
+	$(PY) -m tools.replay --input data/taxi_trips.csv \
 	  --rate $(RATE) --order event_time
 
 kafka-up: install

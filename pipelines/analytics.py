@@ -1,26 +1,29 @@
-"""Windowed trip analytics on event time, with late data as an output.
+"""Windowed analytics on event time, with late data as an output.
 
-Per key (default ``pickup_community_area``) and event-time window: trip count,
-fare and tips sums and means, tip rate, with the pane (EARLY / ON_TIME / LATE,
-index, is_last). Records too late for their window (watermark past window end
+For any problem (``--problem``, default taxi), per key (default the problem's
+entity key, e.g. the taxi pickup area) and event-time window: the count and
+the problem's aggregates (e.g. taxi fare and tips sums and means and the tip
+rate; house prices and price per square foot), with the pane (EARLY /
+ON_TIME / LATE, index, is_last). Records too late for their window (watermark past window end
 + allowed lateness) go to the late output with a reason, and unparseable
 events to the dead letters; nothing is dropped (see ``transforms.windowing``).
 With ``--training_stats``, the same windows also report feature drift against
 the training statistics and emit alerts (``transforms.monitoring``).
 
-Streaming from Kafka (DirectRunner)::
+Streaming from Kafka (topics ``taxi-events`` -> ``taxi-stats``,
+``taxi-late``, ``taxi-alerts``, ``taxi-dead-letters`` unless given)::
 
     python -m pipelines.analytics --bootstrap_servers 127.0.0.1:9092 \\
-        --input_topic trips --output_topic trip-stats --late_topic trips-late \\
         --window fixed --size 3600 --allowed_lateness 7200 \\
         --early_every 10 --late_every 1 --accumulation accumulating \\
-        --training_stats out/train/stats.json --alerts_topic trip-alerts
+        --training_stats out/train/stats.json
 
-Batch over CSV, event time from ``trip_start_timestamp``, JSON lines out::
+Batch over CSV, event time from the problem's event-time field, JSON lines
+out::
 
     python -m pipelines.analytics --input_csv data/taxi_trips.csv \\
         --output_path out/analytics --window sliding --size 3600 --period 900
-    python -m pipelines.analytics_report --input out/analytics \\
+    python -m tools.report --input out/analytics \\
         --output out/analytics/report.png
 
 Other runners by flags only: ``--runner prism`` (or ``--runner PrismRunner
@@ -50,16 +53,16 @@ from apache_beam.options.pipeline_options import StandardOptions
 
 from runners import options as runner_options
 from transforms import csv_io
-from transforms import features as F
 from transforms import decode
 from transforms import kafka_io
 from transforms import monitoring
+from transforms import problem as problem_lib
 from transforms import stats as feature_stats
 from transforms import windowing
+from transforms.problem import Problem
 
 # Row types on the shared output topic.
 STATS, DRIFT, QUALITY = 'window_stats', 'drift', 'quality'
-DEFAULT_OUTPUT_TOPIC = 'trip-stats'
 DEFAULT_GROUP_ID = 'rtml-analytics'
 DEFAULT_MAX_OUT_OF_ORDERNESS = 60.0
 
@@ -70,8 +73,10 @@ class AnalyticsOptions(PipelineOptions):
   def _add_argparse_args(cls, parser):
     # Kafka flags (--bootstrap_servers, --input_topic, --output_topic...) are
     # shared by every pipeline: kafka_io.KafkaOptions.
-    parser.add_argument('--late_topic', default='trips-late')
-    parser.add_argument('--alerts_topic', default='trip-alerts')
+    parser.add_argument('--late_topic', default=None,
+                        help='Default <problem>-late.')
+    parser.add_argument('--alerts_topic', default=None,
+                        help='Default <problem>-alerts.')
     parser.add_argument('--bounded', action='store_true',
                         help='Read Kafka up to the end offsets at launch.')
     parser.add_argument('--input_csv', default=None,
@@ -103,9 +108,9 @@ class AnalyticsOptions(PipelineOptions):
     parser.add_argument('--accumulation',
                         choices=[a.value for a in windowing.Accumulation],
                         default=defaults.accumulation.value)
-    parser.add_argument('--key', choices=sorted(F.FEATURES_BY_NAME),
-                        default=defaults.key,
-                        help='Raw feature the aggregates are grouped by.')
+    parser.add_argument('--key', default=defaults.key,
+                        help='Raw feature the aggregates are grouped by '
+                        '(default: the problem\'s entity key).')
     parser.add_argument('--shards', type=int, default=defaults.shards,
                         help='Parallelism of the late-data splitter.')
     parser.add_argument('--lateness_margin', type=float, default=None,
@@ -144,13 +149,14 @@ def _late_from(stage: str):
   return lambda row: {'stage': stage, **row}
 
 
-def build(records, config: windowing.WindowConfig,
+def build(problem: Problem, records, config: windowing.WindowConfig,
           training_stats: Optional[dict[str, Any]] = None,
           thresholds: monitoring.DriftThresholds = monitoring.DriftThresholds()
           ) -> dict[str, Any]:
   """The analytics on timestamped ``Record``s; the seam for tests.
 
   Args:
+    problem: what the records are and what to aggregate.
     records: ``PCollection[Record]`` timestamped with event time.
     config: the windowing.
     training_stats: a ``stats.json`` dict to add drift and alerts.
@@ -161,16 +167,16 @@ def build(records, config: windowing.WindowConfig,
     'alerts'}``: PCollections of JSON-ready dicts; every row carries a
     ``type`` (stats, drift, quality) or ``stage`` (late) field.
   """
-  windowed = records | 'WindowedTripStats' >> windowing.WindowedTripStats(
-      config)
+  windowed = records | 'WindowedAggregates' >> windowing.WindowedAggregates(
+      problem, config)
   out = {'stats': windowed['stats'] | 'TagStats' >> beam.Map(_tagged(STATS))}
   late = [windowed['late'] | 'TagLateStats' >> beam.Map(_late_from(STATS))]
   if training_stats is not None:
     monitored = (
         records
-        | 'Unscored' >> beam.Map(monitoring.ScoredTrip.unscored)
+        | 'Unscored' >> beam.Map(monitoring.Scored.unscored)
         | 'MonitorDrift' >> monitoring.MonitorPredictions(
-            training_stats, config, thresholds))
+            problem, training_stats, config, thresholds))
     out['drift'] = monitored['drift'] | 'TagDrift' >> beam.Map(_tagged(DRIFT))
     out['quality'] = monitored['quality'] | 'TagQuality' >> beam.Map(
         _tagged(QUALITY))
@@ -181,33 +187,34 @@ def build(records, config: windowing.WindowConfig,
   return out
 
 
-def read_csv_records(pipeline, file_pattern: str):
+def read_csv_records(pipeline, problem: Problem, file_pattern: str):
   """CSV rows -> (timestamped Records, dead-letter dicts)."""
   parsed = (pipeline
-            | 'ReadCsv' >> csv_io.ReadCsvRows(file_pattern)
-            | 'ParseRows' >> beam.ParDo(csv_io.ParseRow()).with_outputs(
+            | 'ReadCsv' >> csv_io.ReadCsvRows(problem, file_pattern)
+            | 'ParseRows' >> beam.ParDo(csv_io.ParseRow(problem)).with_outputs(
                 csv_io.ParseRow.DEAD_LETTER, main='records'))
   records = (parsed.records
              | 'DropRowKeys' >> beam.Values()
-             | 'AssignEventTime' >> windowing.AssignEventTime())
+             | 'AssignEventTime' >> windowing.AssignEventTime(problem))
   return records, parsed[csv_io.ParseRow.DEAD_LETTER]
 
 
-def read_kafka_records(pipeline, opts: AnalyticsOptions):
+def read_kafka_records(pipeline, problem: Problem, opts: AnalyticsOptions):
   """Kafka JSON events -> (Records timestamped by event time, dead letters)."""
   kafka = opts.view_as(kafka_io.KafkaOptions)
   events = (
       pipeline
-      | 'ReadTrips' >> kafka_io.ReadFromKafka(
-          kafka_io.bootstrap_servers(opts), kafka.input_topic,
+      | 'ReadEvents' >> kafka_io.ReadFromKafka(
+          kafka_io.bootstrap_servers(opts),
+          kafka.input_topic or problem.topic('events'),
           group_id=kafka.group_id or DEFAULT_GROUP_ID,
           auto_offset_reset=kafka.start,
-          bounded=opts.bounded, event_time=F.EVENT_TIME_KEY,
+          bounded=opts.bounded, event_time=decode.event_time(problem),
           watermark=kafka_io.WatermarkPolicy(
               max_out_of_orderness_s=(kafka.max_out_of_orderness or
                                       DEFAULT_MAX_OUT_OF_ORDERNESS)),
           consumer_config=kafka.consumer_config)
-      | 'DecodeTrips' >> decode.DecodeEvents())
+      | 'DecodeEvents' >> decode.DecodeEvents(problem))
   return events.records, events.dead_letters
 
 
@@ -217,12 +224,13 @@ def _key_of(row: dict[str, Any]) -> str:
   return str(row.get('key') or row.get('offset') or '')
 
 
-def write_kafka(outputs: dict[str, Any], dead_letters,
+def write_kafka(problem: Problem, outputs: dict[str, Any], dead_letters,
                 opts: AnalyticsOptions) -> None:
   bootstrap = kafka_io.bootstrap_servers(opts)
   kafka = opts.view_as(kafka_io.KafkaOptions)
-  topics = {'rows': kafka.output_topic or DEFAULT_OUTPUT_TOPIC, 'late': opts.late_topic,
-            'alerts': opts.alerts_topic}
+  topics = {'rows': kafka.output_topic or problem.topic('stats'),
+            'late': opts.late_topic or problem.topic('late'),
+            'alerts': opts.alerts_topic or problem.topic('alerts')}
   rows = tuple(outputs[k] for k in ('stats', 'drift', 'quality')
                if k in outputs) | 'MergeRows' >> beam.Flatten()
   streams = {'rows': rows, 'late': outputs['late']}
@@ -236,7 +244,8 @@ def write_kafka(outputs: dict[str, Any], dead_letters,
              bootstrap, topics[name], producer_config=kafka.producer_config,
              event_timestamps=False))
   _ = dead_letters | 'WriteDeadLetters' >> kafka_io.WriteDeadLetters(
-      bootstrap, kafka.dead_letter_topic, producer_config=kafka.producer_config)
+      bootstrap, kafka.dead_letter_topic or problem.topic('dead-letters'),
+      producer_config=kafka.producer_config)
 
 
 def write_files(outputs: dict[str, Any], dead_letters, path: str) -> None:
@@ -255,6 +264,8 @@ def run(argv: Optional[list[str]] = None):
   streaming = not given.input_csv and not given.bounded
   options = PipelineOptions(runner_options.resolve(argv, streaming=streaming))
   opts = options.view_as(AnalyticsOptions)
+  problem = problem_lib.load(
+      options.view_as(problem_lib.ProblemOptions).problem)
   config = window_config(opts)
   training_stats = (feature_stats.read_stats(opts.training_stats)
                     if opts.training_stats else None)
@@ -265,14 +276,16 @@ def run(argv: Optional[list[str]] = None):
                      'input (--input_csv, or --bounded Kafka)')
   pipeline = beam.Pipeline(options=options)
   if opts.input_csv:
-    records, dead_letters = read_csv_records(pipeline, opts.input_csv)
+    records, dead_letters = read_csv_records(pipeline, problem,
+                                             opts.input_csv)
   else:
-    records, dead_letters = read_kafka_records(pipeline, opts)
-  outputs = build(records, config, training_stats, drift_thresholds(opts))
+    records, dead_letters = read_kafka_records(pipeline, problem, opts)
+  outputs = build(problem, records, config, training_stats,
+                  drift_thresholds(opts))
   if opts.output_path:
     write_files(outputs, dead_letters, opts.output_path)
   else:
-    write_kafka(outputs, dead_letters, opts)
+    write_kafka(problem, outputs, dead_letters, opts)
   result = pipeline.run()
   result.wait_until_finish()
   return result

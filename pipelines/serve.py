@@ -1,8 +1,9 @@
 """Streaming inference: Kafka events → RunInference → Kafka predictions.
 
-Raw JSON trip events are read with the project's Kafka source (event time from
-``trip_start_timestamp``), parsed and validated by the same
-``transforms.records`` code as training, and scored by Beam RunInference with
+Raw JSON events of a problem (``--problem``, default taxi) are read with the
+project's Kafka source (event time from the problem's event-time field, else
+the Kafka timestamp), parsed and validated by the same ``transforms.records``
+code as training, and scored by Beam RunInference with
 the exported SavedModel, whose signature takes raw features and runs the
 tf.Transform graph inside. One prediction per event goes to the output topic,
 stamped with the model version. Invalid events and failed inferences go to the
@@ -10,25 +11,29 @@ dead-letter topic with reasons; nothing is dropped.
 
 New model versions are picked up without a restart: the pipeline watches
 ``--model_dir`` for ``<integer>/`` version directories, validates each new one
-and swaps it in through RunInference's model side input (see
-``models.serving``).
+and swaps it in between batches (see ``models.serving``).
 
 Run it locally (DirectRunner), or unchanged on another runner by flags::
 
     python -m pipelines.serve --bootstrap_servers 127.0.0.1:9092 \\
-        --input_topic trips --output_topic predictions \\
-        --dead_letter_topic trips-dlq --model_dir out/model
+        --model_dir out/model    # topics taxi-events -> taxi-predictions
+    python -m pipelines.serve --problem houses --model_dir out/houses/model
     python -m pipelines.serve ... --runner prism
     python -m pipelines.serve ... --runner flink --flink_master HOST:8081
 
 Each prediction record (JSON, Kafka key = event id)::
 
-    {"event_id": "taxi_trips-17", "event_time": "2013-05-16T19:45:00Z",
-     "event_time_ms": 1368733500000, "probability": 0.91, "class": 1,
-     "model_version": 3, "label": 1,          # label: when the event has tips
-     "source": {"topic": "trips", "partition": 0, "offset": 16,
+    {"event_id": "taxi_trips-17", "problem": "taxi",
+     "event_time": "2013-05-16T19:45:00Z", "event_time_ms": 1368733500000,
+     "probability": 0.91, "class": 1,          # per task, see below
+     "model_version": 3, "label": 1,          # label: when the event has it
+     "source": {"topic": "taxi-events", "partition": 0, "offset": 16,
                 "timestamp_ms": 1368733500000},
      "ingest_ms": 1795290000123, "predicted_ms": 1795290000131}
+
+The outputs follow the task: binary ``probability`` and ``class``;
+multi-class ``probabilities``, ``class`` (index) and ``class_name``;
+regression ``prediction``. ``label`` is the true class index or value.
 
 ``ingest_ms`` is when the source handed the event to the pipeline and
 ``predicted_ms`` when its prediction was ready (wall clock); the Kafka
@@ -53,18 +58,18 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.options.pipeline_options import StandardOptions
 from apache_beam.options.pipeline_options import TestOptions
 
-from models import export
 from models import serving
 from runners import options as runner_options
-from transforms import features as F
 from transforms import decode
 from transforms import kafka_io
+from transforms import problem as problem_lib
+from transforms import records as R
+from transforms.problem import Problem, Task
 from transforms.records import Record
 
 METRICS_NAMESPACE = serving.METRICS_NAMESPACE
-DEFAULT_OUTPUT_TOPIC = 'predictions'
 DEFAULT_GROUP_ID = 'rtml-serve'
-# Trips are scored one by one: the watermark only matters for monitoring.
+# Events are scored one by one: the watermark only matters for monitoring.
 DEFAULT_MAX_OUT_OF_ORDERNESS = 3600.0
 
 
@@ -85,8 +90,7 @@ class ServeOptions(PipelineOptions):
     parser.add_argument('--bundle_secs', type=float, default=1.0,
                         help='How long the Kafka source reads before it '
                         'checkpoints. Shorter bundles commit output sooner '
-                        'but each costs a scheduling round trip: on Prism '
-                        '0.1 s gave 114 events/s, 1 s gave 1,350 '
+                        'but each costs a scheduling round trip '
                         '(benchmarks/serve_bench.py).')
     parser.add_argument('--run_seconds', type=float, default=None,
                         help='Stop after this long (demos); default: forever.')
@@ -104,31 +108,36 @@ class EventContext(NamedTuple):
 
 def attach_context(element: tuple[kafka_io.KafkaRecord, Record]
                    ) -> tuple[EventContext, Record]:
+  """The event's id: the problem's id field, else the Kafka key, else
+  topic-partition-offset."""
   source, record = element
-  event_id = (source.key.decode('utf-8', errors='replace')
-              if source.key is not None
-              else f'{source.topic}-{source.partition}-{source.offset}')
+  if record.event_id is not None:
+    event_id = record.event_id
+  elif source.key is not None:
+    event_id = source.key.decode('utf-8', errors='replace')
+  else:
+    event_id = f'{source.topic}-{source.partition}-{source.offset}'
   return EventContext(event_id, source.topic, source.partition, source.offset,
                       source.timestamp_ms, int(time.time() * 1000)), record
 
 
-def prediction_record(context: EventContext,
+def prediction_record(problem: Problem, context: EventContext,
                       result: PredictionResult) -> dict[str, Any]:
   """The JSON prediction written to the output topic (see module doc)."""
-  values = result.example.values
-  event_seconds = values[F.EVENT_TIME_KEY]
-  label = None
-  if F.LABEL_KEY in values:
-    label = int(F.is_big_tipper(values[F.LABEL_KEY], values[F.FARE_KEY]))
+  seconds = R.event_seconds(problem, result.example)
+  event_ms = (int(round(seconds * 1000)) if seconds is not None
+              else context.timestamp_ms)
+  outputs = dict(result.inference)
+  if problem.task is Task.MULTICLASS:
+    outputs['class_name'] = problem.label.classes[outputs['class']]
   return {
       'event_id': context.event_id,
-      'event_time': datetime.datetime.fromtimestamp(
-          event_seconds, datetime.timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ'),
-      'event_time_ms': event_seconds * 1000,
-      'probability': result.inference[export.PROBABILITY],
-      'class': result.inference[export.CLASS],
+      'problem': problem.name,
+      'event_time': _iso(event_ms),
+      'event_time_ms': event_ms,
+      **outputs,
       'model_version': int(result.model_id),
-      'label': label,
+      'label': R.label_value(problem, result.example),
       'source': {'topic': context.topic, 'partition': context.partition,
                  'offset': context.offset,
                  'timestamp_ms': context.timestamp_ms},
@@ -137,16 +146,26 @@ def prediction_record(context: EventContext,
   }
 
 
+def _iso(ms: int) -> Optional[str]:
+  """UTC ISO-8601 of epoch milliseconds; None outside datetime's range."""
+  try:
+    return datetime.datetime.fromtimestamp(
+        ms / 1000, datetime.timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')
+  except (OverflowError, OSError, ValueError):
+    return None
+
+
 class FormatPrediction(beam.DoFn):
 
-  def __init__(self):
+  def __init__(self, problem: Problem):
+    self._problem = problem
     self._predictions = Metrics.counter(METRICS_NAMESPACE, 'predictions')
     self._latency = Metrics.distribution(METRICS_NAMESPACE,
                                          'ingest_to_prediction_ms')
 
   def process(self, element):
     context, result = element
-    prediction = prediction_record(context, result)
+    prediction = prediction_record(self._problem, context, result)
     self._predictions.inc()
     self._latency.update(prediction['predicted_ms'] - context.ingest_ms)
     yield context.event_id, prediction
@@ -177,21 +196,24 @@ class Predict(beam.PTransform):
   """(EventContext, Record) → (event id, prediction dict) and failures.
 
   Args:
+    problem: the events' problem (what the model takes and answers).
     model_root: directory of versions; the newest valid one serves and newer
       ones are swapped in as they appear (``models.serving``).
     model_poll_secs: how often to look for a new version.
   """
 
-  def __init__(self, model_root: str, model_poll_secs: float = 5.0,
+  def __init__(self, problem: Problem, model_root: str,
+               model_poll_secs: float = 5.0,
                min_batch_size: int = 1, max_batch_size: int = 256,
                max_batch_duration_secs: Optional[float] = None,
                check_model: bool = True):
     super().__init__()
     if check_model:
       # Fail at launch, not on a worker, when nothing can be served.
-      serving.newest_valid_version(model_root)
+      serving.newest_valid_version(problem, model_root)
+    self._problem = problem
     self._handler = KeyedModelHandler(serving.RawFeaturesModelHandler(
-        model_root, model_poll_secs, min_batch_size, max_batch_size,
+        problem, model_root, model_poll_secs, min_batch_size, max_batch_size,
         max_batch_duration_secs))
 
   def expand(self, events):
@@ -202,39 +224,51 @@ class Predict(beam.PTransform):
         ).with_exception_handling())
     return {
         'predictions': results | 'FormatPrediction' >> beam.ParDo(
-            FormatPrediction()),
+            FormatPrediction(self._problem)),
         'failures': failures.failed_inferences | 'FailedToDeadLetters' >> (
             beam.ParDo(InferenceDeadLetters())),
     }
 
 
-def build(pipeline: beam.Pipeline, opts: ServeOptions) -> dict[str, Any]:
+def topics(problem: Problem, kafka: kafka_io.KafkaOptions) -> dict[str, str]:
+  """Input, output and dead-letter topics: the flags, else the problem's."""
+  return {'input': kafka.input_topic or problem.topic('events'),
+          'output': kafka.output_topic or problem.topic('predictions'),
+          'dead_letters': (kafka.dead_letter_topic
+                           or problem.topic('dead-letters'))}
+
+
+def build(pipeline: beam.Pipeline, opts: ServeOptions,
+          problem: Optional[Problem] = None) -> dict[str, Any]:
   """Adds the serving job to ``pipeline``; returns its PCollections."""
+  problem = problem or problem_lib.load(
+      opts.view_as(problem_lib.ProblemOptions).problem)
   bootstrap = kafka_io.bootstrap_servers(opts)
   kafka = opts.view_as(kafka_io.KafkaOptions)
+  names = topics(problem, kafka)
   events = (
       pipeline
       | 'ReadEvents' >> kafka_io.ReadFromKafka(
-          bootstrap, kafka.input_topic,
+          bootstrap, names['input'],
           group_id=kafka.group_id or DEFAULT_GROUP_ID,
-          auto_offset_reset=kafka.start, event_time=F.EVENT_TIME_KEY,
+          auto_offset_reset=kafka.start, event_time=decode.event_time(problem),
           watermark=kafka_io.WatermarkPolicy(
               max_out_of_orderness_s=(kafka.max_out_of_orderness or
                                       DEFAULT_MAX_OUT_OF_ORDERNESS)),
           checkpoint_interval_s=opts.bundle_secs,
           poll_timeout_s=min(1.0, opts.bundle_secs),
           consumer_config=kafka.consumer_config)
-      | 'ParseEvents' >> decode.DecodeEvents(with_source=True))
+      | 'ParseEvents' >> decode.DecodeEvents(problem, with_source=True))
   scored = (events.records
             | 'AttachContext' >> beam.Map(attach_context)
             | 'Predict' >> Predict(
-                opts.model_dir, opts.model_poll_secs, opts.min_batch_size,
+                problem, opts.model_dir, opts.model_poll_secs, opts.min_batch_size,
                 opts.max_batch_size, opts.max_batch_duration_secs,
                 # A Dataflow --dry_run builds the graph without touching the
                 # (remote) model directory.
                 check_model=not opts.view_as(TestOptions).dry_run))
   _ = scored['predictions'] | 'WritePredictions' >> kafka_io.WriteToKafka(
-      bootstrap, kafka.output_topic or DEFAULT_OUTPUT_TOPIC,
+      bootstrap, names['output'],
       producer_config=kafka.producer_config, event_timestamps=False)
   dead_letters = (
       (events.dead_letters
@@ -243,7 +277,7 @@ def build(pipeline: beam.Pipeline, opts: ServeOptions) -> dict[str, Any]:
        scored['failures'])
       | 'MergeDeadLetters' >> beam.Flatten())
   _ = dead_letters | 'WriteDeadLetters' >> kafka_io.WriteToKafka(
-      bootstrap, kafka.dead_letter_topic,
+      bootstrap, names['dead_letters'],
       producer_config=kafka.producer_config, event_timestamps=False)
   return {'predictions': scored['predictions'], 'dead_letters': dead_letters}
 
@@ -256,12 +290,14 @@ def start(argv: Optional[list[str]] = None):
   opts = options.view_as(ServeOptions)
   if not opts.model_dir:
     raise SystemExit('pipelines.serve: --model_dir is required')
+  problem = problem_lib.load(
+      options.view_as(problem_lib.ProblemOptions).problem)
   pipeline = beam.Pipeline(options=options)
-  build(pipeline, opts)
-  kafka = opts.view_as(kafka_io.KafkaOptions)
-  print(f'[serve] {kafka_io.bootstrap_servers(opts)} {kafka.input_topic} -> '
-        f'{kafka.output_topic or DEFAULT_OUTPUT_TOPIC} (dead letters: '
-        f'{kafka.dead_letter_topic}), models from {opts.model_dir}',
+  build(pipeline, opts, problem)
+  names = topics(problem, opts.view_as(kafka_io.KafkaOptions))
+  print(f'[serve] {problem.name}: {kafka_io.bootstrap_servers(opts)} '
+        f'{names["input"]} -> {names["output"]} (dead letters: '
+        f'{names["dead_letters"]}), models from {opts.model_dir}',
         file=sys.stderr, flush=True)
   return pipeline.run()
 

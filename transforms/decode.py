@@ -8,13 +8,16 @@ that keeps the original bytes and the reasons.
 
 from __future__ import annotations
 
+import json
+from typing import Optional
+
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from transforms import kafka_io
 from transforms import records
 from transforms.kafka_io import KafkaRecord, dead_letter
-from transforms.problem import Problem
+from transforms.problem import Problem, TimeUnit
 
 METRICS_NAMESPACE = kafka_io.METRICS_NAMESPACE
 
@@ -103,3 +106,29 @@ class DecodeEvents(beam.PTransform):
         self._problem, self._require_label, self._with_keys, METRICS_NAMESPACE,
         with_source=self._with_source)).with_outputs(
             self.DEAD_LETTERS, main=self.RECORDS)
+
+
+class ProblemEventTime:
+  """The Kafka source's event time of a problem's JSON events, in seconds."""
+
+  def __init__(self, problem: Problem):
+    self._event_time = problem.event_time
+
+  def __call__(self, record: KafkaRecord) -> Optional[float]:
+    event_time = self._event_time
+    try:
+      value = json.loads(record.value)[event_time.field]
+      if event_time.unit is TimeUnit.FORMAT:
+        return event_time.parse_text(value)
+      if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+      return event_time.seconds(value)
+    except Exception:  # pylint: disable=broad-except
+      return None      # the source falls back to the Kafka timestamp
+
+
+def event_time(problem: Problem):
+  """The Kafka source's ``event_time``: the problem's field, else the Kafka
+  timestamp."""
+  return 'kafka' if problem.event_time.field is None else ProblemEventTime(
+      problem)

@@ -44,12 +44,14 @@ class KafkaOptions(PipelineOptions):
 
   @classmethod
   def _add_argparse_args(cls, parser):
-    parser.add_argument('--input_topic', default='trips',
-                        help='Topic of raw JSON trip events.')
+    parser.add_argument('--input_topic', default=None,
+                        help='Topic of raw JSON events (default per '
+                        'pipeline: <problem>-events).')
     parser.add_argument('--output_topic', default=None,
                         help='Topic the job writes (default per pipeline).')
-    parser.add_argument('--dead_letter_topic', default='trips-dlq',
-                        help='Topic of events that failed, with reasons.')
+    parser.add_argument('--dead_letter_topic', default=None,
+                        help='Topic of events that failed, with reasons '
+                        '(default per pipeline: <problem>-dead-letters).')
     parser.add_argument('--group_id', default=None,
                         help='Consumer group whose committed offsets a '
                         'restarted job resumes from (default per pipeline).')

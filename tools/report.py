@@ -1,10 +1,10 @@
-"""A PNG report of an analytics run: trips per window, drift per feature.
+"""A PNG report of an analytics run: events per window, drift per feature.
 
 Reads the JSON lines files that ``pipelines.analytics --output_path DIR``
 wrote (``stats``, ``late``, and with ``--training_stats`` also ``drift`` and
 ``alerts``) and draws:
 
-1. trips per window over event time: all keys and the busiest keys, from
+1. events per window over event time: all keys and the busiest keys, from
    each window's final pane, with late records marked;
 2. numeric drift: each feature's window mean shift in training-std units,
    the alert threshold band and the alerts raised;
@@ -13,7 +13,7 @@ wrote (``stats``, ``late``, and with ``--training_stats`` also ``drift`` and
 
 Run::
 
-    python -m pipelines.analytics_report --input out/analytics \\
+    python -m tools.report [--problem taxi] --input out/analytics \\
         --output out/analytics/report.png
 """
 
@@ -27,9 +27,10 @@ import json
 import os
 from typing import Any, Iterable, Optional
 
-from transforms import features as F
+from transforms import problem as problem_lib
 from transforms import stats as S
 from transforms.monitoring import DriftThresholds
+from transforms.problem import Kind, Problem
 
 
 def load_rows(directory: str, name: str) -> list[dict[str, Any]]:
@@ -77,7 +78,7 @@ def _time(seconds: float) -> datetime.datetime:
   return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
 
 
-def draw(directory: str, output: str, top_keys: int = 5,
+def draw(problem: Problem, directory: str, output: str, top_keys: int = 5,
          thresholds: Optional[DriftThresholds] = None) -> str:
   """Writes the PNG report of the run in ``directory``; returns its path."""
   import matplotlib
@@ -94,7 +95,7 @@ def draw(directory: str, output: str, top_keys: int = 5,
                            sharex=True, squeeze=False)
   axes = axes[:, 0]
 
-  # 1. Trips per window.
+  # 1. Events per window.
   totals = window_totals(stats_rows)
   per_window = collections.Counter()
   per_key = collections.defaultdict(dict)
@@ -119,18 +120,18 @@ def draw(directory: str, output: str, top_keys: int = 5,
                marker='v', color='red', zorder=3,
                label=f'too late ({len(late_rows)} records)')
   span = (starts[1] - starts[0]) if len(starts) > 1 else 0
-  ax.set_title(f'Trips per window (final panes; {len(totals)} key-windows, '
-               f'{sum(per_window.values())} trips, {len(late_rows)} too '
+  ax.set_title(f'Events per window (final panes; {len(totals)} key-windows, '
+               f'{sum(per_window.values())} events, {len(late_rows)} too '
                f'late){f", window step {span / 3600:g} h" if span else ""}')
-  ax.set_ylabel('trips')
+  ax.set_ylabel('events')
   ax.legend(loc='upper left', fontsize=8, ncol=2)
   ax.grid(alpha=0.3)
 
   if drift:
     # 2. Numeric features: mean shift in training std units.
     ax = axes[1]
-    numeric = [f.name for f in F.model_features() if S.has_numeric_stats(f)
-               and f.kind is not F.Kind.IDENTITY]
+    numeric = [f.name for f in problem.model_features
+               if S.has_numeric_stats(f) and f.kind is not Kind.IDENTITY]
     for name in numeric:
       points = sorted((s, r['mean_shift']) for (n, s), r in drift.items()
                       if n == name and r.get('mean_shift') is not None)
@@ -152,7 +153,8 @@ def draw(directory: str, output: str, top_keys: int = 5,
 
     # 3. Categorical features: unseen share and missing-rate increase.
     ax = axes[2]
-    categorical = [f.name for f in F.model_features() if S.has_vocabulary(f)]
+    categorical = [f.name for f in problem.model_features
+                   if S.has_vocabulary(f)]
     for name in categorical:
       points = sorted((s, r['unseen_share']) for (n, s), r in drift.items()
                       if n == name and r.get('unseen_share') is not None)
@@ -190,6 +192,8 @@ def draw(directory: str, output: str, top_keys: int = 5,
 
 def main(argv: Optional[list[str]] = None) -> str:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--problem', default=problem_lib.DEFAULT,
+                      help='The problem the analytics ran on.')
   parser.add_argument('--input', required=True,
                       help='The --output_path of a pipelines.analytics run.')
   parser.add_argument('--output', required=True, help='PNG file to write.')
@@ -199,9 +203,10 @@ def main(argv: Optional[list[str]] = None) -> str:
   parser.add_argument('--unseen_threshold', type=float,
                       default=DriftThresholds().unseen)
   args = parser.parse_args(argv)
-  path = draw(args.input, args.output, args.top_keys, DriftThresholds(
+  path = draw(problem_lib.load(args.problem), args.input, args.output,
+              args.top_keys, DriftThresholds(
       mean_shift=args.mean_shift_threshold, unseen=args.unseen_threshold))
-  print(f'[analytics_report] wrote {path}')
+  print(f'[report] wrote {path}')
   return path
 
 

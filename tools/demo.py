@@ -1,14 +1,15 @@
 """``make demo``: the whole loop on one machine, with real components.
 
 1. start a single-node Kafka broker (or use ``KAFKA_BOOTSTRAP_SERVERS``);
-2. train on ``data/taxi_trips.csv`` and export model version 1;
+2. train the problem's model on its data and export model version 1;
 3. start the streaming serving pipeline on the embedded runner;
-4. replay the held-out (eval) trips, plus a few malformed events, to Kafka;
-5. read the predictions back and print a sample, the accuracy against the
-   true labels, the dead letters and the end-to-end latency percentiles;
+4. replay the held-out (eval) rows, plus a few malformed events, to Kafka;
+5. read the predictions back and print a sample, the live quality against
+   the true labels, the dead letters and the end-to-end latency percentiles;
 6. shut everything down.
 
-    python -m runners.demo --work_dir ~/.cache/rtml/run/demo [--runner prism]
+    python -m tools.demo [--problem taxi|houses|exasens|FILE.py --input CSV] \\
+        --work_dir ~/.cache/rtml/run/demo [--runner prism]
 
 Latency is measured on the broker's clock: the input and prediction topics
 use ``message.timestamp.type=LogAppendTime``, so the latency of an event is
@@ -28,7 +29,12 @@ import uuid
 from typing import Any, TextIO
 
 from runners import kafka as kafka_runner
+from transforms import problem as problem_lib
+from transforms.problem import Problem, Task
 
+# The data file of each shipped problem.
+DATA = {'taxi': 'data/taxi_trips.csv', 'houses': 'data/houses.csv',
+        'exasens': 'data/exasens.csv'}
 LOG_APPEND_TIME = {'message.timestamp.type': 'LogAppendTime'}
 BAD_EVENTS = [b'{"fare": 3.5, "payment_type": ', b'\xff\xfe\x00garbage',
               json.dumps({'fare': 'ten', 'payment_type': 'Cash'}).encode()]
@@ -67,29 +73,50 @@ def collect(bootstrap: str, topic: str, expected: int, timeout_s: float,
   return got
 
 
-def run_demo(bootstrap: str, work_dir: str, runner_args: list[str]) -> int:
-  from pipelines import replay
+def live_quality(problem: Problem, predictions: list[dict[str, Any]]
+                 ) -> dict[str, Any]:
+  """Quality of the streamed predictions whose events carried the label."""
+  labelled = [p for p in predictions if p['label'] is not None]
+  if not labelled:
+    return {'labelled': 0}
+  if problem.task is Task.REGRESSION:
+    errors = [abs(p['prediction'] - p['label']) for p in labelled]
+    return {'labelled': len(labelled),
+            'mae': round(sum(errors) / len(errors), 2),
+            'mape': round(sum(e / abs(p['label']) for e, p in
+                              zip(errors, labelled)) / len(labelled), 4)}
+  correct = sum(p['class'] == p['label'] for p in labelled)
+  return {'labelled': len(labelled),
+          'accuracy': round(correct / len(labelled), 4)}
+
+
+def run_demo(problem: Problem, data: str, bootstrap: str, work_dir: str,
+             runner_args: list[str], problem_spec: str) -> int:
+  from models.metrics import HEADLINE
   from pipelines import serve
   from pipelines import train
+  from tools import replay
 
-  train_dir = os.path.join(work_dir, 'train')
+  train_dir = os.path.join(work_dir, problem.name, 'train')
   shutil.rmtree(train_dir, ignore_errors=True)
-  metrics = train.run(['--input', 'data/taxi_trips.csv',
+  metrics = train.run(['--problem', problem_spec, '--input', data,
                        '--output_dir', train_dir])
 
   suffix = uuid.uuid4().hex[:6]
-  topics = {n: f'{n}-{suffix}' for n in ('trips', 'predictions', 'trips-dlq')}
-  kafka_runner.create_topic(bootstrap, topics['trips'], partitions=2,
+  topics = {role: f'{problem.topic(role)}-{suffix}'
+            for role in ('events', 'predictions', 'dead-letters')}
+  kafka_runner.create_topic(bootstrap, topics['events'], partitions=2,
                             config=LOG_APPEND_TIME)
   kafka_runner.create_topic(bootstrap, topics['predictions'],
                             config=LOG_APPEND_TIME)
-  kafka_runner.create_topic(bootstrap, topics['trips-dlq'])
+  kafka_runner.create_topic(bootstrap, topics['dead-letters'])
 
   print('[demo] starting the serving pipeline', flush=True)
   result = serve.start([
-      '--bootstrap_servers', bootstrap, '--input_topic', topics['trips'],
+      '--problem', problem_spec,
+      '--bootstrap_servers', bootstrap, '--input_topic', topics['events'],
       '--output_topic', topics['predictions'],
-      '--dead_letter_topic', topics['trips-dlq'],
+      '--dead_letter_topic', topics['dead-letters'],
       '--model_dir', os.path.join(train_dir, 'model'),
       '--group_id', f'demo-{suffix}', '--max_batch_size', '64'] + runner_args)
   try:
@@ -99,16 +126,16 @@ def run_demo(bootstrap: str, work_dir: str, runner_args: list[str]) -> int:
     from kafka import KafkaProducer
     producer = KafkaProducer(bootstrap_servers=bootstrap)
     for i, value in enumerate(BAD_EVENTS):
-      producer.send(topics['trips'], key=f'malformed-{i}'.encode(),
+      producer.send(topics['events'], key=f'malformed-{i}'.encode(),
                     value=value)
     producer.flush()
     producer.close()
-    dead = collect(bootstrap, topics['trips-dlq'], len(BAD_EVENTS), 180,
+    dead = collect(bootstrap, topics['dead-letters'], len(BAD_EVENTS), 180,
                    'dead letters')
-    events = replay.load_events('data/taxi_trips.csv', split='eval')
-    print(f'[demo] replaying {len(events)} held-out trips at 500/s',
+    events = replay.load_events(problem, data, split='eval')
+    print(f'[demo] replaying {len(events)} held-out rows at 500/s',
           flush=True)
-    replay.replay(events, topics['trips'], bootstrap, rate=500,
+    replay.replay(problem, events, topics['events'], bootstrap, rate=500,
                   progress=sys.stderr)
     predictions = collect(bootstrap, topics['predictions'], len(events), 300,
                           'predictions')
@@ -117,20 +144,20 @@ def run_demo(bootstrap: str, work_dir: str, runner_args: list[str]) -> int:
 
   print('\n[demo] sample predictions:')
   for _, p in predictions[:5]:
-    print('  ' + json.dumps({k: p[k] for k in (
-        'event_id', 'event_time', 'probability', 'class', 'label',
-        'model_version')}))
-  labelled = [p for _, p in predictions if p['label'] is not None]
-  correct = sum(p['class'] == p['label'] for p in labelled)
+    print('  ' + json.dumps({k: v for k, v in p.items() if k not in (
+        'source', 'ingest_ms', 'predicted_ms', 'event_time_ms')}))
   latency = [t - p['source']['timestamp_ms'] for t, p in predictions]
+  headline, _ = HEADLINE[problem.task]
   summary = {
+      'problem': problem.name,
+      'task': problem.task.value,
       'events_replayed': len(events),
       'predictions': len(predictions),
       'dead_letters': len(dead),
       'dead_letter_reasons': [d['errors'][0]['reason'] for _, d in dead],
       'model_versions': sorted({p['model_version'] for _, p in predictions}),
-      'training_auc': round(metrics['auc'], 4),
-      'live_accuracy': round(correct / len(labelled), 4) if labelled else None,
+      f'training_eval_{headline}': round(metrics[headline], 4),
+      'live_quality': live_quality(problem, [p for _, p in predictions]),
       'end_to_end_latency_ms': percentiles(latency),
   }
   print('[demo] summary: ' + json.dumps(summary, indent=2))
@@ -143,17 +170,27 @@ def run_demo(bootstrap: str, work_dir: str, runner_args: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--problem', default=problem_lib.DEFAULT,
+                      help='A shipped problem or your own (see README).')
+  parser.add_argument('--input', default=None,
+                      help='CSV data (default: the shipped problem\'s).')
   parser.add_argument('--work_dir',
                       default=os.path.expanduser('~/.cache/rtml/run/demo'))
   args, runner_args = parser.parse_known_args(argv)
+  problem = problem_lib.load(args.problem)
+  data = args.input or DATA.get(args.problem)
+  if not data:
+    parser.error(f'--input is needed for problem {args.problem}')
   os.makedirs(args.work_dir, exist_ok=True)
   bootstrap = os.environ.get('KAFKA_BOOTSTRAP_SERVERS')
   if bootstrap:
-    return run_demo(bootstrap, args.work_dir, runner_args)
+    return run_demo(problem, data, bootstrap, args.work_dir, runner_args,
+                    args.problem)
   print('[demo] starting a local Kafka broker', flush=True)
   with kafka_runner.KafkaBroker() as broker:
     print(f'[demo] broker at {broker.bootstrap_servers}', flush=True)
-    code = run_demo(broker.bootstrap_servers, args.work_dir, runner_args)
+    code = run_demo(problem, data, broker.bootstrap_servers, args.work_dir,
+                    runner_args, args.problem)
     # The cancelled pipeline's clients would log a connection error every
     # few ms once the broker stops, until this process exits.
     logging.getLogger('kafka').setLevel(logging.CRITICAL)

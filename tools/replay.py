@@ -1,19 +1,22 @@
-"""Replays taxi trips from a CSV file into Kafka as JSON events.
+"""Replays a problem's CSV file into Kafka as JSON events.
 
 A plain producer program (not a Beam pipeline): each CSV row becomes the JSON
-event ``records.csv_row_to_event`` defines, plus an ``event_id``
-(``<file stem>-<line number>``, stable across replays) that is also the Kafka
-key. The Kafka timestamp is the trip's event time (``trip_start_timestamp``,
-in ms), so consumers can use either as event time. Rows are sent as they are
-- a bad row stays bad and becomes a dead letter in the consumer.
+event ``records.csv_row_to_event`` defines (the problem's features, typed),
+keyed by an event id: the problem's ``event_id`` field, else
+``<file stem>-<line number>`` (stable across replays, also added as
+``event_id``). The Kafka timestamp is the event time, when the problem has
+one, so consumers can use either as event time. Rows are sent as they are -
+a bad row stays bad and becomes a dead letter in the consumer.
 
 Run (brokers: the flag, else $KAFKA_BOOTSTRAP_SERVERS, else the broker of
 ``make kafka-up``)::
 
-    python -m pipelines.replay --input data/taxi_trips.csv --topic trips \\
+    python -m tools.replay --input data/taxi_trips.csv \\
         --bootstrap_servers 127.0.0.1:9092 --rate 500 --order event_time
-    python -m pipelines.replay --input data/taxi_trips.csv --topic trips-eval \\
-        --split eval --eval_percent 20 --limit 1000
+    python -m tools.replay --problem houses --input data/houses.csv \\
+        --topic houses-eval --split eval --eval_percent 20 --limit 1000
+
+The topic defaults to the problem's ``<name>-events``.
 
 A missing topic is created (``--partitions``) with ``retention.ms=-1``:
 Kafka's time retention compares record timestamps with the wall clock, so
@@ -21,9 +24,11 @@ historical trips would otherwise be deleted within minutes.
 
 From Python (tests, notebooks)::
 
-    from pipelines import replay
-    events = replay.load_events('data/taxi_trips.csv', limit=100)
-    replay.replay(events, 'trips', '127.0.0.1:9092', rate=None)
+    from tools import replay
+    from transforms import problem
+    events = replay.load_events(problem.load('taxi'), 'data/taxi_trips.csv',
+                                limit=100)
+    replay.replay(events, 'taxi-events', '127.0.0.1:9092', rate=None)
 """
 
 from __future__ import annotations
@@ -37,8 +42,9 @@ import sys
 import time
 from typing import Any, Iterable, Mapping, Optional, Sequence, TextIO
 
+from transforms import problem as problem_lib
 from transforms import records
-from transforms.features import EVENT_TIME_KEY
+from transforms.problem import Problem
 
 EVENT_ID_KEY = 'event_id'
 
@@ -48,24 +54,33 @@ def event_id(path: str, line_number: int) -> str:
   return f'{pathlib.Path(path).stem}-{line_number}'
 
 
-def event_time_ms(event: Mapping[str, Any]) -> Optional[int]:
+def event_time_ms(problem: Problem, event: Mapping[str, Any]) -> Optional[int]:
   """The Kafka timestamp of an event: its event time in ms, if valid."""
-  seconds = event.get(EVENT_TIME_KEY)
+  spec = problem.event_time
+  if spec.field is None:
+    return None
+  value = event.get(spec.field)
+  try:
+    seconds = (spec.parse_text(value) if isinstance(value, str)
+               else spec.seconds(value))
+  except (TypeError, ValueError):
+    return None
   if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
     return None
-  if not math.isfinite(seconds) or seconds < 0:
+  if not math.isfinite(seconds) or not 0 <= seconds < 253402300800:
     return None
   return int(round(seconds * 1000))
 
 
-def load_events(path: str, order: str = 'file', limit: Optional[int] = None,
-                split: str = 'all',
+def load_events(problem: Problem, path: str, order: str = 'file',
+                limit: Optional[int] = None, split: str = 'all',
                 eval_percent: int = 20) -> list[tuple[str, dict[str, Any]]]:
   """CSV rows as ``(event_id, event)`` pairs, ready to replay.
 
   Args:
+    problem: whose features the rows hold (and the CSV layout).
     path: a CSV file with the feature columns (``data/taxi_trips.csv``).
-    order: 'file' (row order) or 'event_time' (by trip start; rows without a
+    order: 'file' (row order) or 'event_time' (by event time; rows without a
       valid event time last, in file order).
     limit: keep the first N events after splitting and ordering.
     split: 'all', 'train' or 'eval': the same deterministic split as the
@@ -77,18 +92,24 @@ def load_events(path: str, order: str = 'file', limit: Optional[int] = None,
   if split not in ('all', 'train', 'eval'):
     raise ValueError(f'split must be all, train or eval, got {split!r}')
   events = []
-  for line_number, row in enumerate(records.read_csv(path), start=2):
+  with open(path, newline='', encoding='utf-8') as f:
+    rows = list(records.csv_rows(problem, f))
+  for line_number, row in rows:
     if split != 'all':
-      in_eval = records.is_eval(records.record_key(row), eval_percent)
+      in_eval = records.is_eval(records.record_key(problem, row),
+                                eval_percent)
       if in_eval != (split == 'eval'):
         continue
-    eid = event_id(path, line_number)
-    event = records.csv_row_to_event(row)
-    event[EVENT_ID_KEY] = eid
+    event = records.csv_row_to_event(problem, row)
+    if problem.event_id is not None and problem.event_id in event:
+      eid = str(event[problem.event_id])
+    else:
+      eid = event_id(path, line_number)
+      event[EVENT_ID_KEY] = eid
     events.append((eid, event))
   if order == 'event_time':
     def by_time(item):
-      ms = event_time_ms(item[1])
+      ms = event_time_ms(problem, item[1])
       return (ms is None, ms or 0)
     events.sort(key=by_time)  # stable: file order within equal times
   return events[:limit] if limit is not None else events
@@ -121,13 +142,15 @@ class _Progress:
       self._stream.write('\n')
 
 
-def replay(events: Iterable[tuple[str, Mapping[str, Any]]], topic: str,
+def replay(problem: Problem, events: Iterable[tuple[str, Mapping[str, Any]]],
+           topic: str,
            bootstrap_servers: str, rate: Optional[float] = None,
            producer_config: Optional[Mapping[str, Any]] = None,
            progress: Optional[TextIO] = None) -> int:
   """Produces events to ``topic``; returns how many were acknowledged.
 
   Args:
+    problem: the events' problem (their event time).
     events: ``(event_id, event)`` pairs, e.g. from ``load_events``.
     topic: target topic (must exist, or be auto-created by the broker).
     bootstrap_servers: 'host:port[,host:port]'.
@@ -163,7 +186,8 @@ def replay(events: Iterable[tuple[str, Mapping[str, Any]]], topic: str,
       producer.send(
           topic, key=eid.encode('utf-8'),
           value=json.dumps(event, separators=(',', ':')).encode('utf-8'),
-          timestamp_ms=event_time_ms(event)).add_errback(errors.append)
+          timestamp_ms=event_time_ms(problem, event)
+      ).add_errback(errors.append)
       bar.update(i + 1)
     producer.flush()
   finally:
@@ -192,9 +216,13 @@ def default_bootstrap_servers() -> Optional[str]:
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
-      prog='python -m pipelines.replay', description=__doc__.split('\n')[0])
-  parser.add_argument('--input', required=True, help='CSV file of trips.')
-  parser.add_argument('--topic', required=True)
+      prog='python -m tools.replay', description=__doc__.split('\n')[0])
+  parser.add_argument('--problem', default=problem_lib.DEFAULT,
+                      help='The problem (see transforms.problem.load).')
+  parser.add_argument('--input', required=True,
+                      help='CSV file of the problem\'s rows.')
+  parser.add_argument('--topic', default=None,
+                      help='Default: <problem>-events.')
   parser.add_argument('--bootstrap_servers', default=None)
   parser.add_argument('--rate', type=float, default=None,
                       help='Events per second (default: as fast as possible).')
@@ -215,16 +243,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parse_args(argv)
   bootstrap = args.bootstrap_servers or default_bootstrap_servers()
   if not bootstrap:
-    print('pipelines.replay: no broker: pass --bootstrap_servers, set '
+    print('tools.replay: no broker: pass --bootstrap_servers, set '
           'KAFKA_BOOTSTRAP_SERVERS or run `make kafka-up`', file=sys.stderr)
     return 2
   from runners import kafka
-  kafka.create_topic(bootstrap, args.topic, args.partitions,
+  problem = problem_lib.load(args.problem)
+  topic = args.topic or problem.topic('events')
+  kafka.create_topic(bootstrap, topic, args.partitions,
                      config={'retention.ms': '-1'},
                      client_config=args.producer_config)
-  events = load_events(args.input, args.order, args.limit, args.split,
-                       args.eval_percent)
-  replay(events, args.topic, bootstrap, args.rate, args.producer_config,
+  events = load_events(problem, args.input, args.order, args.limit,
+                       args.split, args.eval_percent)
+  replay(problem, events, topic, bootstrap, args.rate, args.producer_config,
          progress=sys.stderr)
   return 0
 
