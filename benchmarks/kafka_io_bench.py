@@ -36,10 +36,13 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipelines import replay
+from tools import replay
 from runners import kafka as local_kafka
 from transforms import kafka_io
-from transforms.features import EVENT_TIME_KEY
+from transforms import problem as problem_lib
+
+TAXI = problem_lib.load('taxi')
+EVENT_TIME_KEY = TAXI.event_time.field
 
 TAXI_CSV = os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), 'data', 'taxi_trips.csv')

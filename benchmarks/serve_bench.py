@@ -34,6 +34,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from runners import demo  # noqa: E402
 from runners import kafka as kafka_runner  # noqa: E402
+from transforms import problem as problem_lib
+
+TAXI = problem_lib.load('taxi')
 
 BATCH_SIZE = 64
 BUNDLE_SECS = 1.0
@@ -55,8 +58,8 @@ def _topics(bootstrap):
 
 
 def _events(n):
-  from pipelines import replay
-  base = replay.load_events('data/taxi_trips.csv')
+  from tools import replay
+  base = replay.load_events(TAXI, 'data/taxi_trips.csv')
   return [(f'{eid}-{i // len(base)}', event) for i, (eid, event) in
           enumerate(base[i % len(base)] for i in range(n))]
 
@@ -92,7 +95,7 @@ class Baseline:
     from pipelines import serve
     from transforms import records as R
     model = serving.load(os.path.join(
-        self._model_root, str(serving.newest_valid_version(self._model_root))))
+        self._model_root, str(serving.newest_valid_version(TAXI, self._model_root))))
     consumer = KafkaConsumer(self._topics['in'],
                              bootstrap_servers=self._bootstrap,
                              auto_offset_reset='earliest',
@@ -106,12 +109,12 @@ class Baseline:
       good = []
       for message in (m for ms in polled.values() for m in ms):
         try:
-          good.append((message, R.parse_json_bytes(message.value)))
+          good.append((message, R.parse_json_bytes(TAXI, message.value)))
         except R.InvalidRecord:
           continue
       if not good:
         continue
-      outputs = serving.predict(model, [r for _, r in good])
+      outputs = serving.predict(TAXI, model, [r for _, r in good])
       now = int(time.time() * 1000)
       for i, (message, record) in enumerate(good):
         context = serve.EventContext(
@@ -121,7 +124,7 @@ class Baseline:
             export.PROBABILITY: float(outputs[export.PROBABILITY][i]),
             export.CLASS: int(outputs[export.CLASS][i])}, str(model.version))
         producer.send(self._topics['out'], key=message.key, value=json.dumps(
-            serve.prediction_record(context, result)).encode())
+            serve.prediction_record(TAXI, context, result)).encode())
       producer.flush()
       consumer.commit()
     consumer.close()
@@ -149,12 +152,12 @@ def _start_job(kind, bootstrap, topics, model_root, runner):
 
 
 def _bench(kind, bootstrap, model_root, args, runner=None):
-  from pipelines import replay
+  from tools import replay
   out = {}
   # Saturation: fill the topic, then start the job and let it drain.
   topics = _topics(bootstrap)
   events = _events(args.events)
-  replay.replay(events, topics['in'], bootstrap)
+  replay.replay(TAXI, events, topics['in'], bootstrap)
   _log(f'{kind}: draining {len(events)} queued events')
   stop = _start_job(kind, bootstrap, topics, model_root, runner)
   try:
@@ -169,11 +172,11 @@ def _bench(kind, bootstrap, model_root, args, runner=None):
   stop = _start_job(kind, bootstrap, topics, model_root, runner)
   try:
     warmup = _events(200)
-    replay.replay(warmup, topics['in'], bootstrap)
+    replay.replay(TAXI, warmup, topics['in'], bootstrap)
     demo.collect(bootstrap, topics['out'], len(warmup), 180, 'warm-up',
                  progress=sys.stderr)
     _log(f'{kind}: {n} events at {args.rate}/s')
-    replay.replay(_events(n), topics['in'], bootstrap, rate=args.rate)
+    replay.replay(TAXI, _events(n), topics['in'], bootstrap, rate=args.rate)
     got, _, latency = _measure(bootstrap, topics['out'], len(warmup) + n, 300)
   finally:
     stop()

@@ -32,6 +32,9 @@ from transforms import csv_io  # noqa: E402
 from transforms import features as F  # noqa: E402
 from transforms import preprocessing  # noqa: E402
 from transforms import records as R  # noqa: E402
+from transforms import problem as problem_lib
+
+TAXI = problem_lib.load('taxi')
 
 
 def _timed(label, fn):
@@ -50,8 +53,8 @@ def _analyze_only(input_pattern, out):
     with tft_beam.Context(temp_dir=os.path.join(out, 'tmp')):
       transform_fn = (
           (split['train'] | train.ToRecordBatches(1024),
-           columns.tensor_adapter_config())
-          | tft_beam.AnalyzeDataset(preprocessing.preprocessing_fn))
+           columns.tensor_adapter_config(TAXI))
+          | tft_beam.AnalyzeDataset(preprocessing.preprocessing_fn(TAXI)))
       _ = transform_fn | tft_beam.WriteTransformFn(
           os.path.join(out, 'transform'))
 
@@ -69,7 +72,7 @@ def _transform_only(input_pattern, out):
       for name in ('train', 'eval'):
         transformed = (
             ((split[name] | f'ToArrow{name}' >> train.ToRecordBatches(1024),
-              columns.tensor_adapter_config()), transform_fn)
+              columns.tensor_adapter_config(TAXI)), transform_fn)
             | f'Transform{name}' >> tft_beam.TransformDataset(
                 output_record_batches=True))
         # ReadTransformFn yields plain metadata, so encode with the schema.
@@ -85,14 +88,14 @@ def _gbt_baseline(input_path: str) -> dict:
   """sklearn gradient-boosted trees on the raw features, same split."""
   from sklearn.ensemble import HistGradientBoostingClassifier
   from sklearn.metrics import roc_auc_score
-  names = [f.name for f in F.model_features()]
-  categorical = [f.kind is F.Kind.CATEGORICAL for f in F.model_features()]
+  names = [f.name for f in TAXI.model_features]
+  categorical = [f.kind is Kind.CATEGORICAL for f in TAXI.model_features]
   xs = {True: [], False: []}
   ys = {True: [], False: []}
   vocab: dict[str, dict] = {n: {} for n in names}
-  for row in R.read_csv(input_path):
+  for row in R.read_csv(TAXI, input_path):
     try:
-      record = R.parse_csv_row(row)
+      record = R.parse_csv_row(TAXI, row)
     except R.InvalidRecord:
       continue
     features = []
@@ -100,10 +103,10 @@ def _gbt_baseline(input_path: str) -> dict:
       v = record.values[name]
       features.append(vocab[name].setdefault(v, len(vocab[name])) if is_cat
                       else v)
-    split = R.is_eval(R.record_key(row), 20)
+    split = R.is_eval(R.record_key(TAXI, row), 20)
     xs[split].append(features)
-    ys[split].append(F.is_big_tipper(record.values[F.LABEL_KEY],
-                                     record.values[F.FARE_KEY]))
+    ys[split].append(F.is_big_tipper(record.values[TAXI.label.column],
+                                     record.values['fare']))
   model = HistGradientBoostingClassifier(
       categorical_features=np.array(categorical), random_state=0)
   start = time.monotonic()
@@ -118,7 +121,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument('--input', default='data/taxi_trips.csv')
   args = parser.parse_args()
-  n_rows = sum(1 for _ in R.read_csv(args.input))
+  n_rows = sum(1 for _ in R.read_csv(TAXI, args.input))
   with tempfile.TemporaryDirectory() as tmp:
     stages = {
         'analyze': _timed('analyze', lambda: _analyze_only(

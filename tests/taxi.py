@@ -1,8 +1,12 @@
-"""Real rows of data/taxi_trips.csv for tests (instead of pasted copies)."""
+"""The taxi problem and real rows of data/taxi_trips.csv for tests."""
 
 import csv
 import functools
 import itertools
+
+from transforms import problem
+
+TAXI = problem.load('taxi')
 
 TAXI_CSV = 'data/taxi_trips.csv'
 
@@ -16,3 +20,4 @@ def _row(index: int) -> tuple:
 def row(index: int) -> dict[str, str]:
   """Data row ``index`` (0-based) as csv.DictReader yields it (a fresh dict)."""
   return dict(_row(index))
+

@@ -23,11 +23,12 @@ from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import TimestampedValue
 
 from pipelines import analytics
-from pipelines import analytics_report
-from transforms import features as F
+from tools import report as analytics_report
+from transforms.problem import DType, Feature, Kind, transformed_name
 from transforms import records as R
 from transforms import stats as S
 from transforms import windowing
+from tests.taxi import TAXI
 
 HOUR = 3600
 
@@ -51,22 +52,22 @@ def _streaming_runner() -> tuple[list[str], bool]:
 
 @functools.lru_cache(maxsize=1)
 def _rows():
-  return list(R.read_csv('data/taxi_trips.csv'))
+  return list(R.read_csv(TAXI, 'data/taxi_trips.csv'))
 
 
 def _records(rows):
-  return [R.parse_csv_row(r) for r in rows]
+  return [R.parse_csv_row(TAXI, r) for r in rows]
 
 
 def test_build_seam_takes_teststream():
   """The builder takes any timestamped Record PCollection (here TestStream)."""
   rows = _rows()[:60]
-  training = S.compute_stats(_records(_rows()[100:3100]))
+  training = S.compute_stats(TAXI, _records(_rows()[100:3100]))
   base = _records(rows)
   # All in hour [0, 1h) of area 8, then one too late after the window closes.
   def at(record, ts):
-    values = dict(record.values, **{F.COMMUNITY_AREA_KEY: 8,
-                                     F.EVENT_TIME_KEY: ts})
+    values = dict(record.values, **{TAXI.entity_key: 8,
+                                     TAXI.event_time.field: ts})
     return TimestampedValue(record._replace(values=values), ts)
   stream = (test_stream.TestStream()
             .add_elements([at(r, 10 + i) for i, r in enumerate(base[:-1])])
@@ -78,7 +79,7 @@ def test_build_seam_takes_teststream():
   options = PipelineOptions([])
   options.view_as(StandardOptions).streaming = True
   p = beam.Pipeline(options=options)
-  out = analytics.build(p | stream, config, training)
+  out = analytics.build(TAXI, p | stream, config, training)
   assert_that(out['stats'] | 'Counts' >> beam.Map(
       lambda r: (r['type'], r['key'], r['window_start_s'], r['timing'],
                  r['count'])),
@@ -104,7 +105,7 @@ def test_csv_batch_run_and_report(tmp_path):
     for row in rows:
       f.write(','.join(f'"{row[h]}"' for h in header) + '\n')
   stats_path = tmp_path / 'stats.json'
-  S.write_stats(S.compute_stats(_records(_rows()[300:3300])), str(stats_path))
+  S.write_stats(S.compute_stats(TAXI, _records(_rows()[300:3300])), str(stats_path))
   out = tmp_path / 'out'
   analytics.run(['--input_csv', str(csv_path), '--output_path', str(out),
                  '--window', 'fixed', '--size', str(30 * 24 * HOUR),
@@ -115,7 +116,7 @@ def test_csv_batch_run_and_report(tmp_path):
   assert analytics_report.load_rows(str(out), 'late') == []
   assert analytics_report.load_rows(str(out), 'dead_letters') == []
   assert analytics_report.load_rows(str(out), 'drift')
-  png = analytics_report.draw(str(out), str(tmp_path / 'report.png'))
+  png = analytics_report.draw(TAXI, str(out), str(tmp_path / 'report.png'))
   with open(png, 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
 
@@ -140,25 +141,25 @@ def _replay(bootstrap_servers, topic, rows):
   producer = KafkaProducer(bootstrap_servers=bootstrap_servers,
                            value_serializer=lambda v: json.dumps(v).encode())
   for row in rows:
-    producer.send(topic, R.csv_row_to_event(row))
+    producer.send(topic, R.csv_row_to_event(TAXI, row))
   producer.flush()
   producer.close()
 
 
 def _hour_counts(rows):
   return collections.Counter(
-      (R.parse_csv_row(r).values[F.COMMUNITY_AREA_KEY],
-       int(r[F.EVENT_TIME_KEY]) // HOUR * HOUR) for r in rows)
+      (R.parse_csv_row(TAXI, r).values[TAXI.entity_key],
+       int(r[TAXI.event_time.field]) // HOUR * HOUR) for r in rows)
 
 
 def test_oracle_hourly_counts_through_kafka_out_of_order(bootstrap, tmp_path):
   # 400 consecutive trips of 2013 (a few weeks of event time), replayed with
   # up to 2 h of event-time disorder; allowed lateness 3 h covers it. Then 5
   # trips from months before: far beyond the allowed lateness.
-  timed = sorted(_rows(), key=lambda r: int(r[F.EVENT_TIME_KEY]))
+  timed = sorted(_rows(), key=lambda r: int(r[TAXI.event_time.field]))
   body = timed[2000:2400]
   rng = random.Random(5)
-  disordered = sorted(body, key=lambda r: int(r[F.EVENT_TIME_KEY])
+  disordered = sorted(body, key=lambda r: int(r[TAXI.event_time.field])
                       + rng.uniform(0, 2 * HOUR))
   ancient = timed[:5]
   topic = f'trips-oracle-{uuid.uuid4().hex[:8]}'
@@ -181,7 +182,7 @@ def test_oracle_hourly_counts_through_kafka_out_of_order(bootstrap, tmp_path):
       slot: row['count']
       for slot, row in analytics_report.window_totals(stats).items()})
   # Only the ancient trips can be too late; the disordered body never is.
-  ancient_times = {int(r[F.EVENT_TIME_KEY]) for r in ancient}
+  ancient_times = {int(r[TAXI.event_time.field]) for r in ancient}
   assert {int(r['event_time_s']) for r in late} <= ancient_times
   # Final panes = group-by of every replayed row minus those routed late.
   late_counts = collections.Counter(

@@ -29,10 +29,11 @@ from apache_beam.transforms import window
 from apache_beam.utils.timestamp import Timestamp
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from pipelines import replay
+from tools import replay
 from transforms import decode
 from transforms import kafka_io
-from transforms.features import EVENT_TIME_KEY
+from tests.taxi import TAXI
+EVENT_TIME_KEY = TAXI.event_time.field
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TAXI_CSV = os.path.join(REPO, 'data', 'taxi_trips.csv')
@@ -215,7 +216,7 @@ def test_dead_letter_keeps_the_exact_bytes_and_the_reasons():
   garbage = b'\xff\xfe{"fare": \x00'
   record = kafka_io.KafkaRecord('trips', 3, 42, b'k\xff', garbage, 1234)
   with pytest.raises(decode.records.InvalidRecord) as e:
-    decode.decode_event(record)
+    decode.decode_event(TAXI, record)
   letter = kafka_io.dead_letter(record, e.value.to_dicts())
   assert json.loads(json.dumps(letter)) == letter  # valid JSON
   assert base64.b64decode(letter['value_base64']) == garbage
@@ -238,7 +239,7 @@ def taxi_events() -> list[tuple[str, dict[str, Any]]]:
 def test_bounded_read_returns_exactly_the_records_produced(
     kafka_bootstrap, kafka_topic, taxi_events):
   topic = kafka_topic(partitions=3)
-  assert replay.replay(taxi_events, topic, kafka_bootstrap) == 300
+  assert replay.replay(TAXI, taxi_events, topic, kafka_bootstrap) == 300
   produced = consume_all(kafka_bootstrap, topic, expected=300)
   expected = sorted(
       (m.topic, m.partition, m.offset, m.key, m.value, m.timestamp,
@@ -283,7 +284,7 @@ def test_streaming_read_fixed_windows_on_direct_runner(
     kafka_bootstrap, kafka_topic, taxi_events):
   """streaming=True, stopped at the end offsets: every event in its window."""
   topic = kafka_topic(partitions=2)
-  replay.replay(taxi_events, topic, kafka_bootstrap)
+  replay.replay(TAXI, taxi_events, topic, kafka_bootstrap)
   size = 30 * 86400
   expected = collections.Counter(
       e[EVENT_TIME_KEY] - e[EVENT_TIME_KEY] % size for _, e in taxi_events)
@@ -419,7 +420,7 @@ def test_restart_with_the_same_group_loses_nothing(
   """Kill -9 a streaming copy job mid-topic; a restart resumes the group."""
   source, sink = kafka_topic(partitions=2), kafka_topic(suffix='copy')
   events = taxi_events[:240]
-  replay.replay(events, source, kafka_bootstrap)
+  replay.replay(TAXI, events, source, kafka_bootstrap)
   group = f'{source}-group'
   job = [sys.executable, '-m', 'tests.kafka_copy_job',
          '--runner=DirectRunner', '--streaming',
@@ -474,7 +475,7 @@ def test_malformed_records_go_to_the_dead_letter_topic(
     decoded = (p
                | 'ReadTrips' >> kafka_io.ReadFromKafka(kafka_bootstrap, topic,
                                                        bounded=True)
-               | 'DecodeTrips' >> decode.DecodeEvents(with_keys=True))
+               | 'DecodeTrips' >> decode.DecodeEvents(TAXI, with_keys=True))
     assert_that(decoded.records | 'Keys' >> beam.Map(lambda kv: kv[0]),
                 equal_to([k.decode() for k, _ in good]))
     _ = decoded.dead_letters | 'WriteDeadLetters' >> kafka_io.WriteDeadLetters(

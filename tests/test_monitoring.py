@@ -7,23 +7,27 @@ type never seen in training (exactly those alerts expected).
 """
 
 import functools
+import math
 import apache_beam as beam
+import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import TimestampedValue
 
-from transforms import features as F
+from transforms.problem import DType, Feature, Kind, transformed_name
 from transforms import monitoring as M
 from transforms import records as R
 from transforms import stats as S
 from transforms import windowing
+from tests.taxi import TAXI
+from transforms import problem as P
 
 HOUR = 3600
 
 
 @functools.lru_cache(maxsize=1)
 def _rows():
-  return list(R.read_csv('data/taxi_trips.csv'))
+  return list(R.read_csv(TAXI, 'data/taxi_trips.csv'))
 
 
 # Every 25th row is "live", the others are "training": both are samples of
@@ -35,7 +39,7 @@ _LIVE_EVERY = 25
 @functools.lru_cache(maxsize=1)
 def training_stats():
   rows = [r for i, r in enumerate(_rows()) if i % _LIVE_EVERY]
-  return S.compute_stats(R.parse_csv_row(r) for r in rows)
+  return S.compute_stats(TAXI, (R.parse_csv_row(TAXI, r) for r in rows))
 
 
 def live_rows(n=400):
@@ -46,27 +50,29 @@ def scored(rows):
   """Scores each row with a perfect model (prediction = actual label)."""
   out = []
   for row in rows:
-    record = R.parse_csv_row(row)
-    out.append(M.ScoredTrip.of(record, float(M.actual_label(record))))
+    record = R.parse_csv_row(TAXI, row)
+    label = R.label_value(TAXI, record)
+    out.append(M.Scored.of(TAXI, record, {'class': label,
+                                          'probability': float(label)}))
   return out
 
 
 def shift(row):
   row = dict(row)
-  row[F.FARE_KEY] = str(float(row[F.FARE_KEY]) * 3)
-  row[F.LABEL_KEY] = str(float(row[F.LABEL_KEY]) * 3)   # same tip rate
+  row['fare'] = str(float(row['fare']) * 3)
+  row[TAXI.label.column] = str(float(row[TAXI.label.column]) * 3)   # same tip rate
   row['payment_type'] = 'Bitcoin'
   return row
 
 
 def report(events):
-  acc = M.new_accumulator(M.drift_plan(training_stats()))
-  plans = M.drift_plan(training_stats())
+  acc = M.new_accumulator(M.drift_plan(TAXI, training_stats()))
+  plans = M.drift_plan(TAXI, training_stats())
   for event in events:
-    acc = M.add_scored(acc, plans, event)
-  quality = M.quality_summary(acc)
+    acc = M.add_scored(TAXI, acc, plans, event)
+  quality = M.quality_summary(TAXI, acc)
   drift = M.drift_summary(acc, plans, training_stats())
-  return quality, drift, M.alerts_for(quality, drift, M.DriftThresholds())
+  return quality, drift, M.alerts_for(TAXI, quality, drift, M.DriftThresholds())
 
 
 def test_training_distribution_raises_no_alert():
@@ -74,17 +80,17 @@ def test_training_distribution_raises_no_alert():
   assert alerts == []
   assert quality['count'] == quality['labelled'] == 400
   assert quality['accuracy'] == 1.0
-  fare = next(r for r in drift if r['feature'] == F.FARE_KEY)
+  fare = next(r for r in drift if r['feature'] == 'fare')
   assert abs(fare['mean_shift']) < 0.3
 
 
 def test_shifted_fares_and_new_payment_type_raise_those_alerts():
   _, drift, alerts = report(scored(shift(r) for r in live_rows()))
   raised = {(a['feature'], a['metric']) for a in alerts}
-  assert (F.FARE_KEY, 'mean_shift') in raised
+  assert ('fare', 'mean_shift') in raised
   assert ('payment_type', 'unseen_share') in raised
   # Nothing else moved; a std tripling may or may not cross 2 std.
-  assert raised <= {(F.FARE_KEY, 'mean_shift'), (F.FARE_KEY, 'std_shift'),
+  assert raised <= {('fare', 'mean_shift'), ('fare', 'std_shift'),
                     ('payment_type', 'unseen_share')}
   payment = next(r for r in drift if r['feature'] == 'payment_type')
   assert payment['unseen_share'] == 1.0
@@ -101,7 +107,7 @@ def test_missing_rate_and_rate_gap_alerts():
   _, _, alerts = report(events)
   raised = {(a['feature'], a['metric']) for a in alerts}
   assert raised == {('company', 'missing_rate_increase'),
-                    (F.TRANSFORMED_LABEL_KEY, 'positive_rate_gap')}
+                    (TAXI.label.name, 'positive_rate_gap')}
 
 
 def test_monitor_predictions_pipeline_alerts_per_window():
@@ -113,7 +119,7 @@ def test_monitor_predictions_pipeline_alerts_per_window():
                                   allowed_lateness=0)
   p = beam.Pipeline(options=PipelineOptions(['--runner=FnApiRunner']))
   out = (p | beam.Create(events)
-         | M.MonitorPredictions(training_stats(), config))
+         | M.MonitorPredictions(TAXI, training_stats(), config))
   assert_that(
       out['alerts'] | beam.Map(lambda a: (a['window_start_s'], a['feature'],
                                           a['metric'])),
@@ -131,4 +137,27 @@ def _assert_alerts(got):
   windows = {w for w, _, _ in got}
   assert windows == {HOUR}, got
   assert {(f, m) for _, f, m in got} >= {
-      (F.FARE_KEY, 'mean_shift'), ('payment_type', 'unseen_share')}, got
+      ('fare', 'mean_shift'), ('payment_type', 'unseen_share')}, got
+
+
+def test_regression_quality_is_mae_rmse_mape_of_the_labelled_events():
+  houses = P.load('houses')
+  rows = [r for r in R.read_csv(houses, 'data/houses.csv')
+          if float(r['price']) > 0][:50]
+  records = [R.parse_csv_row(houses, r) for r in rows]
+  stats = S.compute_stats(houses, records)
+  plans = M.drift_plan(houses, stats)
+  acc = M.new_accumulator(plans)
+  predictions = [r.values['price'] * 1.1 for r in records]   # 10 % too high
+  for record, prediction in zip(records, predictions):
+    acc = M.add_scored(houses, acc, plans,
+                       M.Scored.of(houses, record, {'prediction': prediction}))
+  quality = M.quality_summary(houses, acc)
+  errors = [0.1 * r.values['price'] for r in records]
+  assert quality['task'] == 'regression'
+  assert quality['labelled_scored'] == 50
+  assert quality['mae'] == pytest.approx(sum(errors) / 50)
+  assert quality['rmse'] == pytest.approx(
+      math.sqrt(sum(e * e for e in errors) / 50))
+  assert quality['mape'] == pytest.approx(0.1)
+  assert 'accuracy' not in quality

@@ -9,9 +9,10 @@ import tensorflow_transform.beam as tft_beam
 from apache_beam.testing.util import assert_that
 
 from transforms import columns
-from transforms import features as F
+from transforms.problem import DType, Feature, Kind, transformed_name
 from transforms import preprocessing
 from transforms import records as R
+from tests.taxi import TAXI
 
 
 def _event(fare, miles, seconds, payment, company, hour, lat, tips):
@@ -44,19 +45,19 @@ def _expected():
   rows = []
   for i, row in enumerate(ROWS):
     rows.append({
-        F.transformed_name('fare'): _z(fares)[i],
-        F.transformed_name('trip_miles'): _z(miles)[i],
-        F.transformed_name('trip_seconds'): _z(seconds)[i],
-        F.transformed_name('payment_type'): payment[row['payment_type']],
-        F.transformed_name('company'): company[row['company'] or '(missing)'],
-        F.transformed_name('trip_start_hour'): row['trip_start_hour'],
-        F.transformed_name('trip_start_day'): 2 - 1,    # domain starts at 1
-        F.transformed_name('trip_start_month'): 3 - 1,
-        F.transformed_name('pickup_community_area'): 8,
-        F.transformed_name('dropoff_community_area'): 32,
-        F.transformed_name('pickup_census_tract'): 0,   # one value: id 0
-        F.transformed_name('dropoff_census_tract'): 0,
-        F.TRANSFORMED_LABEL_KEY: [0, 1, 0][i],
+        transformed_name('fare'): _z(fares)[i],
+        transformed_name('trip_miles'): _z(miles)[i],
+        transformed_name('trip_seconds'): _z(seconds)[i],
+        transformed_name('payment_type'): payment[row['payment_type']],
+        transformed_name('company'): company[row['company'] or '(missing)'],
+        transformed_name('trip_start_hour'): row['trip_start_hour'],
+        transformed_name('trip_start_day'): 2 - 1,    # domain starts at 1
+        transformed_name('trip_start_month'): 3 - 1,
+        transformed_name('pickup_community_area'): 8,
+        transformed_name('dropoff_community_area'): 32,
+        transformed_name('pickup_census_tract'): 0,   # one value: id 0
+        transformed_name('dropoff_census_tract'): 0,
+        TAXI.label.name: [0, 1, 0][i],
     })
   return rows
 
@@ -66,26 +67,26 @@ def _check(got):
   expected = _expected()
   assert len(got) == 3, got
   # Beam gives no order guarantee; the fare z-score identifies the row.
-  got = sorted(got, key=lambda r: r[F.transformed_name('fare')])
+  got = sorted(got, key=lambda r: r[transformed_name('fare')])
   for got_row, want_row in zip(got, expected):
     for name, want in want_row.items():
       assert got_row[name] == pytest.approx(want, abs=1e-5), (name, got_row)
   # Buckets: ordered like the raw latitudes, within [0, buckets).
-  lat_buckets = [r[F.transformed_name('pickup_latitude')] for r in got]
+  lat_buckets = [r[transformed_name('pickup_latitude')] for r in got]
   assert lat_buckets == sorted(lat_buckets) and len(set(lat_buckets)) == 3
   assert all(0 <= b < 10 for b in lat_buckets), lat_buckets
   # Every model feature is produced, and nothing else but the label.
-  assert set(got[0]) == {F.transformed_name(f.name)
-                         for f in F.model_features()} | {
-                             F.TRANSFORMED_LABEL_KEY}
+  assert set(got[0]) == {transformed_name(f.name)
+                         for f in TAXI.model_features} | {
+                             TAXI.label.name}
 
 
 def test_three_rows_in_expected_rows_out():
-  records = [R.parse_json(r, require_label=True) for r in ROWS]
+  records = [R.parse_json(TAXI, r, require_label=True) for r in ROWS]
   with tempfile.TemporaryDirectory() as tmp:
     with beam.Pipeline() as p, tft_beam.Context(temp_dir=tmp):
-      batches = p | beam.Create([columns.to_record_batch(records)])
+      batches = p | beam.Create([columns.to_record_batch(TAXI, records)])
       (transformed, _), _ = (
-          (batches, columns.tensor_adapter_config())
-          | tft_beam.AnalyzeAndTransformDataset(preprocessing.preprocessing_fn))
+          (batches, columns.tensor_adapter_config(TAXI))
+          | tft_beam.AnalyzeAndTransformDataset(preprocessing.preprocessing_fn(TAXI)))
       assert_that(transformed, _check)

@@ -6,8 +6,9 @@ import math
 import pytest
 
 from tests import taxi
-from transforms import features as F
+from transforms.problem import DType, Feature, Kind, transformed_name
 from transforms import records as R
+from tests.taxi import TAXI
 
 # A real row of data/taxi_trips.csv.
 GOOD_CSV = taxi.row(2)  # line 4: a Cash trip with missing dropoff fields
@@ -18,7 +19,7 @@ def _errors(exc_info):
 
 
 def test_good_csv_row_is_typed_and_defaults_filled():
-  record = R.parse_csv_row(GOOD_CSV)
+  record = R.parse_csv_row(TAXI, GOOD_CSV)
   assert record.values['fare'] == 27.05
   assert record.values['trip_start_hour'] == 2
   assert isinstance(record.values['trip_start_hour'], int)
@@ -29,49 +30,49 @@ def test_good_csv_row_is_typed_and_defaults_filled():
   assert set(record.missing) == {
       'dropoff_latitude', 'dropoff_longitude', 'pickup_census_tract',
       'dropoff_census_tract', 'dropoff_community_area'}
-  assert set(record.values) == set(F.FEATURES_BY_NAME)
+  assert set(record.values) == set(TAXI.features_by_name)
 
 
 def test_json_event_equals_csv_row_after_round_trip():
-  event = R.csv_row_to_event(GOOD_CSV)
+  event = R.csv_row_to_event(TAXI, GOOD_CSV)
   assert 'dropoff_latitude' not in event  # '' -> absent, not 0
   assert json.loads(json.dumps(event)) == event
-  assert R.parse_json(event) == R.parse_csv_row(GOOD_CSV)
+  assert R.parse_json(TAXI, event) == R.parse_csv_row(TAXI, GOOD_CSV)
 
 
 def test_missing_required_field():
   row = dict(GOOD_CSV)
   del row['fare']
   with pytest.raises(R.InvalidRecord) as e:
-    R.parse_csv_row(row)
+    R.parse_csv_row(TAXI, row)
   assert _errors(e) == {('fare', 'missing')}
 
 
 def test_empty_string_in_required_field_is_missing():
   with pytest.raises(R.InvalidRecord) as e:
-    R.parse_csv_row(dict(GOOD_CSV, payment_type=''))
+    R.parse_csv_row(TAXI, dict(GOOD_CSV, payment_type=''))
   assert _errors(e) == {('payment_type', 'missing')}
 
 
 def test_wrong_type():
   with pytest.raises(R.InvalidRecord) as e:
-    R.parse_csv_row(dict(GOOD_CSV, trip_miles='twelve'))
+    R.parse_csv_row(TAXI, dict(GOOD_CSV, trip_miles='twelve'))
   assert _errors(e) == {('trip_miles', 'not a number')}
   with pytest.raises(R.InvalidRecord) as e:
-    R.parse_json(dict(R.csv_row_to_event(GOOD_CSV), fare='27.05'))
+    R.parse_json(TAXI, dict(R.csv_row_to_event(TAXI, GOOD_CSV), fare='27.05'))
   assert _errors(e) == {('fare', 'expected a number, got str')}
   with pytest.raises(R.InvalidRecord) as e:
-    R.parse_json(dict(R.csv_row_to_event(GOOD_CSV), payment_type=3))
+    R.parse_json(TAXI, dict(R.csv_row_to_event(TAXI, GOOD_CSV), payment_type=3))
   assert _errors(e) == {('payment_type', 'expected a string, got int')}
 
 
 def test_nan_and_infinity_are_rejected():
   with pytest.raises(R.InvalidRecord) as e:
-    R.parse_csv_row(dict(GOOD_CSV, fare='NaN', trip_seconds='inf'))
+    R.parse_csv_row(TAXI, dict(GOOD_CSV, fare='NaN', trip_seconds='inf'))
   assert _errors(e) == {('fare', 'not a finite number'),
                         ('trip_seconds', 'not a finite number')}
   with pytest.raises(R.InvalidRecord) as e:
-    R.parse_json(dict(R.csv_row_to_event(GOOD_CSV), fare=math.nan))
+    R.parse_json(TAXI, dict(R.csv_row_to_event(TAXI, GOOD_CSV), fare=math.nan))
   assert _errors(e) == {('fare', 'not a finite number')}
   # The error serializes to valid JSON for dead letters.
   assert json.loads(json.dumps(e.value.to_dicts()))[0]['value'] == 'nan'
@@ -79,7 +80,7 @@ def test_nan_and_infinity_are_rejected():
 
 def test_integer_feature_rejects_fractions_and_out_of_domain():
   with pytest.raises(R.InvalidRecord) as e:
-    R.parse_csv_row(dict(GOOD_CSV, trip_start_hour='2.5',
+    R.parse_csv_row(TAXI, dict(GOOD_CSV, trip_start_hour='2.5',
                          trip_start_day='8', pickup_community_area='-1'))
   assert _errors(e) == {('trip_start_hour', 'not an integer'),
                         ('trip_start_day', 'out of domain [1, 7]'),
@@ -89,41 +90,41 @@ def test_integer_feature_rejects_fractions_and_out_of_domain():
 def test_unknown_string_category_is_valid():
   # Unseen categories are legal: the model maps them to OOV buckets and the
   # drift monitor counts them.
-  record = R.parse_csv_row(dict(GOOD_CSV, payment_type='Bitcoin'))
+  record = R.parse_csv_row(TAXI, dict(GOOD_CSV, payment_type='Bitcoin'))
   assert record.values['payment_type'] == 'Bitcoin'
 
 
 def test_label_required_for_training_optional_for_serving():
-  event = R.csv_row_to_event(GOOD_CSV)
+  event = R.csv_row_to_event(TAXI, GOOD_CSV)
   del event['tips']
-  record = R.parse_json(event)
-  assert F.LABEL_KEY not in record.values
+  record = R.parse_json(TAXI, event)
+  assert TAXI.label.column not in record.values
   with pytest.raises(R.InvalidRecord) as e:
-    R.parse_json(event, require_label=True)
+    R.parse_json(TAXI, event, require_label=True)
   assert _errors(e) == {('tips', 'missing')}
 
 
 def test_not_json_and_not_an_object():
   with pytest.raises(R.InvalidRecord) as e:
-    R.parse_json_bytes(b'\xff\xfe{garbage')
+    R.parse_json_bytes(TAXI, b'\xff\xfe{garbage')
   assert [x.field for x in e.value.errors] == ['*']
   assert e.value.errors[0].reason.startswith('not JSON')
   with pytest.raises(R.InvalidRecord) as e:
-    R.parse_json_bytes(b'[1, 2, 3]')
+    R.parse_json_bytes(TAXI, b'[1, 2, 3]')
   assert _errors(e) == {('*', 'expected an object')}
 
 
 def test_every_error_of_a_row_is_reported():
   with pytest.raises(R.InvalidRecord) as e:
-    R.parse_csv_row(dict(GOOD_CSV, fare='', trip_miles='x', trip_start_day='0'))
+    R.parse_csv_row(TAXI, dict(GOOD_CSV, fare='', trip_miles='x', trip_start_day='0'))
   assert {f for f, _ in _errors(e)} == {'fare', 'trip_miles', 'trip_start_day'}
 
 
 def test_split_is_deterministic_and_close_to_the_requested_share():
-  rows = list(R.read_csv('data/taxi_trips.csv'))
-  keys = [R.record_key(r) for r in rows]
-  assert keys == [R.record_key(dict(r)) for r in rows]
+  rows = list(R.read_csv(TAXI, 'data/taxi_trips.csv'))
+  keys = [R.record_key(TAXI, r) for r in rows]
+  assert keys == [R.record_key(TAXI, dict(r)) for r in rows]
   share = sum(R.is_eval(k, 20) for k in keys) / len(keys)
   assert 0.18 < share < 0.22
   # Identical rows share a key, hence a split.
-  assert R.record_key(rows[0]) == R.record_key(dict(rows[0]))
+  assert R.record_key(TAXI, rows[0]) == R.record_key(TAXI, dict(rows[0]))

@@ -9,9 +9,10 @@ import time
 
 from kafka import KafkaConsumer
 
-from pipelines import replay
+from tools import replay
 from transforms import records
-from transforms.features import EVENT_TIME_KEY
+from tests.taxi import TAXI
+EVENT_TIME_KEY = TAXI.event_time.field
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TAXI_CSV = os.path.join(REPO, 'data', 'taxi_trips.csv')
@@ -23,11 +24,11 @@ def test_events_have_stable_ids_and_the_csv_values(tmp_path):
   header = list(rows[0])
   csv.write_text(','.join(header) + '\n' + ''.join(
       ','.join(r[h] for h in header) + '\n' for r in rows))
-  events = replay.load_events(str(csv))
+  events = replay.load_events(TAXI, str(csv))
   assert [eid for eid, _ in events] == ['few-2', 'few-3', 'few-4']
   for (eid, event), row in zip(events, rows):
-    assert event == {**records.csv_row_to_event(row), 'event_id': eid}
-  assert replay.event_time_ms(events[0][1]) == (
+    assert event == {**records.csv_row_to_event(TAXI, row), 'event_id': eid}
+  assert replay.event_time_ms(TAXI, events[0][1]) == (
       int(rows[0][EVENT_TIME_KEY]) * 1000)
 
 
@@ -46,7 +47,7 @@ def test_event_time_order_limit_and_split_agree_with_training():
       assert by_id[eid] == event
   rows = {replay.event_id(TAXI_CSV, n): row
           for n, row in enumerate(records.read_csv(TAXI_CSV), start=2)}
-  assert all(records.is_eval(records.record_key(rows[eid]), 20)
+  assert all(records.is_eval(records.record_key(TAXI, rows[eid]), 20)
              for eid, _ in evals)
 
 
@@ -54,7 +55,7 @@ def test_replay_produces_keyed_json_with_event_time_timestamps(
     kafka_bootstrap, kafka_topic):
   topic = kafka_topic(partitions=2)
   events = replay.load_events(TAXI_CSV, limit=200)
-  assert replay.replay(events, topic, kafka_bootstrap) == 200
+  assert replay.replay(TAXI, events, topic, kafka_bootstrap) == 200
   consumer = KafkaConsumer(topic, bootstrap_servers=kafka_bootstrap,
                            auto_offset_reset='earliest',
                            enable_auto_commit=False,
@@ -74,7 +75,7 @@ def test_replay_keeps_to_the_requested_rate(kafka_bootstrap, kafka_topic):
   events = replay.load_events(TAXI_CSV, limit=40)
   progress = io.StringIO()
   start = time.monotonic()
-  replay.replay(events, topic, kafka_bootstrap, rate=50, progress=progress)
+  replay.replay(TAXI, events, topic, kafka_bootstrap, rate=50, progress=progress)
   elapsed = time.monotonic() - start
   assert 0.75 <= elapsed < 5, elapsed  # 40 events at 50/s: ~0.8 s
   assert '40/40 events' in progress.getvalue()

@@ -42,6 +42,7 @@ from runners import options as runner_options
 from runners.options import RunnerOptionsError, get_flag, resolve
 from runners.tools import REPO_ROOT, RunnerSetupError
 from tests.topics import TopicReader
+from tests.taxi import TAXI
 
 TRIPS = str(REPO_ROOT / 'data' / 'taxi_trips.csv')
 PAYMENT_COLUMN = 13
@@ -451,14 +452,14 @@ def test_flink_streaming_serving_on_kafka_equals_batch_predictions(
   import numpy as np
   from kafka import KafkaProducer
   from models import export, serving
-  from pipelines import replay, serve
+  from tools import replay, serve
   from transforms import records
 
   model_root = str(flink_training['flink']['out'] / 'model')
   topics = {'trips': kafka_topic(partitions=2, suffix='trips'),
             'predictions': kafka_topic(suffix='predictions'),
             'dlq': kafka_topic(suffix='dlq')}
-  events = replay.load_events(TRIPS, split='eval', limit=60)
+  events = replay.load_events(TAXI, TRIPS, split='eval', limit=60)
   result = serve.start([
       '--runner', 'flink', '--bootstrap_servers', kafka_bootstrap,
       '--input_topic', topics['trips'],
@@ -468,12 +469,12 @@ def test_flink_streaming_serving_on_kafka_equals_batch_predictions(
   predictions = TopicReader(kafka_bootstrap, topics['predictions'])
   dead_letters = TopicReader(kafka_bootstrap, topics['dlq'])
   try:
-    replay.replay(events[:30], topics['trips'], kafka_bootstrap)
+    replay.replay(TAXI, events[:30], topics['trips'], kafka_bootstrap)
     producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
     producer.send(topics['trips'], key=b'bad-0', value=b'{"fare": 1, no')
     producer.flush()
     producer.close()
-    replay.replay(events[30:], topics['trips'], kafka_bootstrap)
+    replay.replay(TAXI, events[30:], topics['trips'], kafka_bootstrap)
     predictions.until(len(events), 180)
     dead_letters.until(1, 30)
     predictions.until(len(events) + 1, 3)  # a duplicate would show up now
@@ -488,8 +489,8 @@ def test_flink_streaming_serving_on_kafka_equals_batch_predictions(
   assert {p['model_version'] for p in got} == {1}
   model = serving.load(os.path.join(model_root, '1'))
   by_id = dict(events)
-  batch = serving.predict(
-      model, [records.parse_json(by_id[p['event_id']]) for p in got])
+  batch = serving.predict(TAXI, 
+      model, [records.parse_json(TAXI, by_id[p['event_id']]) for p in got])
   np.testing.assert_allclose([p['probability'] for p in got],
                              batch[export.PROBABILITY], atol=1e-6)
   assert [d['key'] for d in dead_letters.items] == ['bad-0']

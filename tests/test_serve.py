@@ -22,12 +22,13 @@ from kafka import KafkaProducer
 
 from models import export
 from models import serving
-from pipelines import replay
+from tools import replay
 from pipelines import serve
 from pipelines import train
 from runners import kafka as kafka_runner
 from tests.topics import TopicReader
 from transforms import records as R
+from tests.taxi import TAXI
 
 BAD_EVENTS = [
     b'{"fare": 12.5, not json',                                    # bad JSON
@@ -54,7 +55,7 @@ def scenario(tmp_path_factory, kafka_bootstrap):
   kafka_runner.create_topic(kafka_bootstrap, topics['predictions'])
   kafka_runner.create_topic(kafka_bootstrap, topics['dlq'])
 
-  events = replay.load_events('data/taxi_trips.csv', split='eval',
+  events = replay.load_events(TAXI, 'data/taxi_trips.csv', split='eval',
                               limit=PHASE_SIZES[0] + PHASE2_MAX +
                               PHASE_SIZES[2])
   phases = [events[:PHASE_SIZES[0]],
@@ -72,13 +73,13 @@ def scenario(tmp_path_factory, kafka_bootstrap):
   try:
     # Phase 1: version 1, with malformed events in the middle.
     half = len(phases[0]) // 2
-    replay.replay(phases[0][:half], topics['trips'], kafka_bootstrap)
+    replay.replay(TAXI, phases[0][:half], topics['trips'], kafka_bootstrap)
     producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
     for i, value in enumerate(BAD_EVENTS):
       producer.send(topics['trips'], key=f'bad-{i}'.encode(), value=value)
     producer.flush()
     producer.close()
-    replay.replay(phases[0][half:], topics['trips'], kafka_bootstrap)
+    replay.replay(TAXI, phases[0][half:], topics['trips'], kafka_bootstrap)
     predictions.until(PHASE_SIZES[0], 180)
     dead_letters.until(len(BAD_EVENTS), 60)
 
@@ -100,7 +101,7 @@ def scenario(tmp_path_factory, kafka_bootstrap):
 
     flowing = threading.Thread(target=flow)
     flowing.start()
-    train.train_and_export(out, epochs=1, verbose=0)
+    train.train_and_export(TAXI, out, epochs=1, verbose=0)
     predictions.until(10**9, 180, done=lambda items: any(
         p['model_version'] == 2 for p in items))
     stop.set()
@@ -114,7 +115,7 @@ def scenario(tmp_path_factory, kafka_bootstrap):
     with open(os.path.join(corrupt, 'saved_model.pb'), 'wb') as f:
       f.write(b'this is not a SavedModel')
     time.sleep(3)  # several polls: the watcher sees and rejects it
-    replay.replay(phases[2], topics['trips'], kafka_bootstrap)
+    replay.replay(TAXI, phases[2], topics['trips'], kafka_bootstrap)
     total = sum(len(phase) for phase in phases)
     predictions.until(total, 120)
     # Anything more would be a duplicate or a stray: give it a moment.
@@ -164,7 +165,7 @@ def test_hot_swap_to_v2_and_corrupt_v3_rejected(scenario):
   assert len(phase2) < PHASE2_MAX
   assert {by_id[eid] for eid, _ in phase3} == {2}
   assert export.list_versions(scenario['model_root']) == [1, 2, 3]
-  assert serving.newest_valid_version(scenario['model_root']) == 2
+  assert serving.newest_valid_version(TAXI, scenario['model_root']) == 2
 
 
 def test_streaming_predictions_equal_batch_predictions(scenario):
@@ -174,8 +175,8 @@ def test_streaming_predictions_equal_batch_predictions(scenario):
               if p['model_version'] == version]
     assert served, f'no prediction from version {version}'
     model = serving.load(os.path.join(scenario['model_root'], str(version)))
-    batch = serving.predict(
-        model, [R.parse_json(events[p['event_id']]) for p in served])
+    batch = serving.predict(TAXI, 
+        model, [R.parse_json(TAXI, events[p['event_id']]) for p in served])
     np.testing.assert_allclose(
         [p['probability'] for p in served], batch[export.PROBABILITY],
         atol=1e-6)

@@ -7,30 +7,31 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.util import assert_that, equal_to
 
-from transforms import features as F
+from transforms.problem import DType, Feature, Kind, transformed_name
 from transforms import records as R
 from transforms import stats as S
+from tests.taxi import TAXI
 
 
 @functools.lru_cache(maxsize=1)
 def real_records(n=3000):
-  rows = list(R.read_csv('data/taxi_trips.csv'))[:n]
-  return [R.parse_csv_row(r) for r in rows]
+  rows = list(R.read_csv(TAXI, 'data/taxi_trips.csv'))[:n]
+  return [R.parse_csv_row(TAXI, r) for r in rows]
 
 
 def test_beam_combine_equals_pure_function_on_real_rows():
   records = real_records()
-  expected = S.compute_stats(records)
+  expected = S.compute_stats(TAXI, records)
   p = beam.Pipeline(options=PipelineOptions(['--runner=FnApiRunner']))
   got = (p | beam.Create(records, reshuffle=True)
-         | S.ComputeFeatureStats())
+         | S.ComputeFeatureStats(TAXI))
   assert_that(got, equal_to([expected]))
   p.run().wait_until_finish()
 
 
 def test_merge_order_does_not_change_a_bit():
   records = real_records()
-  fn = S.FeatureStatsFn()
+  fn = S.FeatureStatsFn(TAXI)
   chunks = [records[i::7] for i in range(7)]
 
   def accumulate(chunk):
@@ -43,25 +44,25 @@ def test_merge_order_does_not_change_a_bit():
       [accumulate(c) for c in chunks]))
   backward = fn.extract_output(fn.merge_accumulators(
       [accumulate(c) for c in reversed(chunks)]))
-  assert forward == backward == S.compute_stats(records)
+  assert forward == backward == S.compute_stats(TAXI, records)
 
 
 def test_format_per_kind():
-  stats = S.compute_stats(real_records())
+  stats = S.compute_stats(TAXI, real_records())
   assert stats['count'] == 3000
-  assert set(stats['features']) == set(F.FEATURES_BY_NAME)
+  assert set(stats['features']) == set(TAXI.features_by_name)
   numeric = {'kind', 'dtype', 'count', 'missing', 'missing_rate', 'min',
              'max', 'mean', 'std'}
   counted = {'kind', 'dtype', 'count', 'missing', 'missing_rate',
              'top_values', 'vocabulary_size', 'vocabulary',
              'vocabulary_truncated'}
-  for feature in F.FEATURES:
+  for feature in TAXI.features:
     got = stats['features'][feature.name]
     assert got['kind'] == feature.kind.value
     assert got['dtype'] == feature.dtype.value
-    if feature.kind is F.Kind.IDENTITY:
+    if feature.kind is Kind.IDENTITY:
       assert set(got) == numeric | counted
-    elif feature.kind is F.Kind.CATEGORICAL:
+    elif feature.kind is Kind.CATEGORICAL:
       assert set(got) == counted
     else:
       assert set(got) == numeric
@@ -73,25 +74,25 @@ def test_format_per_kind():
 
 
 def test_missing_counts_come_from_record_missing():
-  rows = list(R.read_csv('data/taxi_trips.csv'))[:3]
+  rows = list(R.read_csv(TAXI, 'data/taxi_trips.csv'))[:3]
   # Row 1 lacks the pickup area; an unlabelled event has no tips at all.
-  unlabelled = R.parse_json(R.csv_row_to_event(
-      {k: v for k, v in rows[2].items() if k != F.LABEL_KEY}))
-  stats = S.compute_stats([R.parse_csv_row(r) for r in rows] + [unlabelled])
-  area = stats['features'][F.COMMUNITY_AREA_KEY]
+  unlabelled = R.parse_json(TAXI, R.csv_row_to_event(TAXI, 
+      {k: v for k, v in rows[2].items() if k != TAXI.label.column}))
+  stats = S.compute_stats(TAXI, [R.parse_csv_row(TAXI, r) for r in rows] + [unlabelled])
+  area = stats['features'][TAXI.entity_key]
   assert (area['count'], area['missing']) == (4, 2)
   assert area['missing_rate'] == 0.5
   # Defaults (0) are not values: min/mean cover the present ones only.
   assert area['min'] == area['max'] == area['mean'] == 60
   assert area['std'] == 0.0
-  tips = stats['features'][F.LABEL_KEY]
+  tips = stats['features'][TAXI.label.column]
   assert (tips['count'], tips['missing']) == (4, 1)
 
 
 def test_fare_matches_plain_python():
   records = real_records()
-  fares = [r.values[F.FARE_KEY] for r in records]
-  fare = S.compute_stats(records)['features'][F.FARE_KEY]
+  fares = [r.values['fare'] for r in records]
+  fare = S.compute_stats(TAXI, records)['features']['fare']
   mean = sum(fares) / len(fares)
   std = (sum((x - mean) ** 2 for x in fares) / len(fares)) ** 0.5
   assert (fare['min'], fare['max']) == (min(fares), max(fares))
@@ -100,7 +101,7 @@ def test_fare_matches_plain_python():
 
 
 def test_write_and_read_round_trip(tmp_path):
-  stats = S.compute_stats(real_records()[:50])
+  stats = S.compute_stats(TAXI, real_records()[:50])
   path = str(tmp_path / 'stats.json')
   S.write_stats(stats, path)
   assert S.read_stats(path) == stats

@@ -14,9 +14,10 @@ import tensorflow as tf
 from models import export
 from pipelines import train
 from transforms import columns
-from transforms import features as F
+from transforms.problem import DType, Feature, Kind, transformed_name
 from transforms import local
 from transforms import records as R
+from tests.taxi import TAXI
 
 N_ROWS = 400
 BAD_ROWS = [
@@ -62,7 +63,7 @@ def test_pipeline_writes_sane_artifacts(trained):
   with open(os.path.join(out, 'stats.json')) as f:
     stats = json.load(f)
   assert stats['count'] == metrics['n_train']
-  fare = stats['features'][F.FARE_KEY]
+  fare = stats['features']['fare']
   assert fare['missing'] == 0 and fare['min'] >= 0 and fare['std'] > 0
   payment = stats['features']['payment_type']
   assert payment['top_values'][0]['value'] in ('Cash', 'Credit Card')
@@ -82,16 +83,16 @@ def test_pipeline_writes_sane_artifacts(trained):
 
 
 def _eval_raw(rows):
-  records = [R.parse_csv_row(r, require_label=False) for r in rows
-             if R.is_eval(R.record_key(r), 20)]
+  records = [R.parse_csv_row(TAXI, r, require_label=False) for r in rows
+             if R.is_eval(R.record_key(TAXI, r), 20)]
   return {k: tf.constant(v) for k, v in
-          columns.to_columns(records).items()}
+          columns.to_columns(TAXI, records).items()}
 
 
 def test_exported_model_matches_transform_and_keras(trained):
   out, rows, _ = trained
   # A second export must not overwrite the first; keep its in-memory model.
-  metrics, keras_model = train.train_and_export(out, epochs=1, verbose=0)
+  metrics, keras_model = train.train_and_export(TAXI, out, epochs=1, verbose=0)
   assert metrics['model_version'] == 2
   assert export.list_versions(os.path.join(out, 'model')) == [1, 2]
 
@@ -113,17 +114,17 @@ def test_exported_model_matches_transform_and_keras(trained):
                                 (keras_probability > 0.5).astype(np.int64))
   # The signature takes raw features only: no label, no transformed names.
   inputs = saved.signatures[export.SERVING_SIGNATURE].structured_input_signature
-  assert set(inputs[1]) == {f.name for f in F.serving_features()}
+  assert set(inputs[1]) == {f.name for f in TAXI.serving_features}
 
 
 def test_notebook_helpers_transform_dicts_and_dataframes(trained):
   import pandas as pd
   out, rows, _ = trained
   tft_output = local.load(os.path.join(out, 'transform'))
-  from_rows = local.transform_rows(tft_output, rows[:5], from_csv=True)
+  from_rows = local.transform_rows(TAXI, tft_output, rows[:5], from_csv=True)
   frame = pd.read_csv('data/taxi_trips.csv', nrows=5)
-  from_frame = local.transform_dataframe(tft_output, frame)
+  from_frame = local.transform_dataframe(TAXI, tft_output, frame)
   for name, value in from_rows.items():
     np.testing.assert_allclose(from_frame[name], value, atol=1e-6)
   with pytest.raises(R.InvalidRecord):
-    local.transform_rows(tft_output, [dict(rows[0], fare='x')], from_csv=True)
+    local.transform_rows(TAXI, tft_output, [dict(rows[0], fare='x')], from_csv=True)

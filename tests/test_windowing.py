@@ -19,20 +19,22 @@ from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.windowed_value import PaneInfo, PaneInfoTiming
 
 from tests import taxi
-from transforms import features as F
+from transforms.problem import DType, Feature, Kind, transformed_name
 from transforms import records as R
 from transforms import windowing
 from transforms.windowing import WindowConfig
+from tests.taxi import TAXI
+from transforms import problem as P
 
 # A real row of data/taxi_trips.csv.
 _ROW = taxi.row(2)  # line 4: a Cash trip with missing dropoff fields
 
 
 def trip(area, ts, fare=10.0, tips=1.0):
-  row = dict(_ROW, **{F.COMMUNITY_AREA_KEY: str(area),
-                      F.EVENT_TIME_KEY: str(ts), F.FARE_KEY: str(fare),
-                      F.LABEL_KEY: str(tips)})
-  return TimestampedValue(R.parse_csv_row(row), ts)
+  row = dict(_ROW, **{TAXI.entity_key: str(area),
+                      TAXI.event_time.field: str(ts), 'fare': str(fare),
+                      TAXI.label.column: str(tips)})
+  return TimestampedValue(R.parse_csv_row(TAXI, row), ts)
 
 
 def pane(row):
@@ -51,7 +53,7 @@ def run(stream, config, expected_panes, expected_late):
   options = PipelineOptions([])
   options.view_as(StandardOptions).streaming = True
   p = beam.Pipeline(options=options)
-  out = p | stream | windowing.WindowedTripStats(config)
+  out = p | stream | windowing.WindowedAggregates(TAXI, config)
   assert_that(out['stats'] | 'Panes' >> beam.Map(pane),
               equal_to(expected_panes), label='CheckPanes')
   assert_that(out['late'] | 'Late' >> beam.Map(late),
@@ -160,27 +162,44 @@ def test_count_fn_counts():
 
 # ------------------------------------------------------------- plain functions
 
-def test_trip_summary_means_and_tip_rate():
-  acc = windowing.TripAggregate()
+def test_taxi_summary_means_and_tip_rate():
+  acc = windowing.new_aggregate(TAXI)
   for value in (trip(8, 0, 10.0, 1.0), trip(8, 1, 30.0, 5.0)):
-    acc = windowing.add_trip(acc, value.value)
-  unlabelled = R.parse_json(R.csv_row_to_event(
-      {k: v for k, v in _ROW.items() if k != F.LABEL_KEY}))
-  acc = windowing.merge_trips([acc, windowing.add_trip(
-      windowing.TripAggregate(), unlabelled)])
-  assert windowing.trip_summary(acc) == {
-      'count': 3, 'fare_sum': 67.05, 'fare_mean': 67.05 / 3,
-      'tips_count': 2, 'tips_sum': 6.0, 'tips_mean': 3.0,
-      'tip_rate': 6.0 / 40.0}
+    acc = windowing.add_record(TAXI, acc, value.value)
+  unlabelled = R.parse_json(TAXI, R.csv_row_to_event(
+      TAXI, {k: v for k, v in _ROW.items() if k != TAXI.label.column}))
+  acc = windowing.merge_aggregates(TAXI, [acc, windowing.add_record(
+      TAXI, windowing.new_aggregate(TAXI), unlabelled)])
+  assert windowing.summarize(TAXI, acc) == {
+      'count': 3, 'fare_count': 3, 'fare_sum': 67.05,
+      'fare_mean': 67.05 / 3, 'tips_count': 2, 'tips_sum': 6.0,
+      'tips_mean': 3.0, 'tip_rate': 6.0 / 40.0}
+
+
+def test_houses_summary_min_max_and_price_per_sqft():
+  houses = P.load('houses')
+  rows = [r for r in R.read_csv(houses, 'data/houses.csv')][:3]
+  records = [R.parse_csv_row(houses, r) for r in rows]
+  acc = windowing.merge_aggregates(houses, [
+      windowing.add_record(houses, windowing.new_aggregate(houses), r)
+      for r in records])
+  prices = [float(r['price']) for r in rows]
+  sqft = [float(r['sqft_living']) for r in rows]
+  assert windowing.summarize(houses, acc) == pytest.approx({
+      'count': 3, 'price_count': 3, 'price_sum': sum(prices),
+      'price_mean': sum(prices) / 3, 'price_min': min(prices),
+      'price_max': max(prices), 'sqft_living_count': 3,
+      'sqft_living_mean': sum(sqft) / 3,
+      'price_per_sqft': sum(prices) / sum(sqft)})
 
 
 def test_window_result_fields():
   window = W.IntervalWindow(3600, 7200)
   row = windowing.window_result(
-      F.COMMUNITY_AREA_KEY, 8, {'count': 1}, window,
+      TAXI.entity_key, 8, {'count': 1}, window,
       PaneInfo(False, True, PaneInfoTiming.LATE, 2, 1))
   assert row == {
-      'key_name': F.COMMUNITY_AREA_KEY, 'key': 8,
+      'key_name': TAXI.entity_key, 'key': 8,
       'window_start': '1970-01-01T01:00:00Z',
       'window_end': '1970-01-01T02:00:00Z',
       'window_start_s': 3600.0, 'window_end_s': 7200.0,
@@ -195,10 +214,15 @@ def test_expiry_is_window_max_timestamp_plus_lateness():
 
 @pytest.mark.parametrize('kwargs', [
     {'kind': 'tumbling'}, {'size': 0}, {'kind': 'sliding', 'period': 7200},
-    {'late_every': 0}, {'key': 'no_such_feature'}, {'shards': 0}])
+    {'late_every': 0}, {'shards': 0}])
 def test_bad_config_is_rejected(kwargs):
   with pytest.raises(ValueError):
     WindowConfig(**kwargs)
+
+
+def test_unknown_key_is_rejected_for_the_problem():
+  with pytest.raises(ValueError, match='no_such_feature'):
+    windowing.WindowedAggregates(TAXI, WindowConfig(key='no_such_feature'))
 
 
 def test_config_builds_beam_windowing():
