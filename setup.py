@@ -24,7 +24,7 @@ EXTRAS = {
     'test': ['pytest==9.2.0', 'pytest-timeout==2.4.0', 'nbclient==0.11.0',
              'nbformat==5.11.1', 'ipykernel==7.4.0', 'import-linter==2.17'],
     # Reports and benchmarks: plots and the gradient-boosted-trees baseline.
-    'report': ['matplotlib==3.11.2', 'pandas==3.1.1'],
+    'report': ['matplotlib==3.11.2', 'pandas==2.3.3'],
     'bench': ['scikit-learn==1.9.1', 'psutil==7.2.2'],
 }
 

@@ -1,7 +1,9 @@
-"""Training benchmark: wall time per stage on the full taxi data, and the
-model's AUC against a gradient-boosted-trees baseline on the same split.
+"""Training benchmark: wall time per stage on a problem's full data, and the
+model's eval metrics against a gradient-boosted-trees baseline on the same
+split, scored by the same functions (``models.metrics``).
 
-    python benchmarks/train_bench.py [--input data/taxi_trips.csv]
+    python benchmarks/train_bench.py [--problem taxi|houses|exasens]
+        [--input CSV]
 
 Stages: ``analyze`` (parse + tf.Transform analyzers, a pipeline of its own),
 ``transform`` (parse + apply the transform, write TFRecords, a pipeline of its
@@ -12,6 +14,7 @@ own), ``preprocess`` (both in one pipeline, as ``pipelines.train`` runs them),
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -29,12 +32,14 @@ from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
 from pipelines import train  # noqa: E402
 from transforms import columns  # noqa: E402
 from transforms import csv_io  # noqa: E402
-from transforms import features as F  # noqa: E402
 from transforms import preprocessing  # noqa: E402
 from transforms import records as R  # noqa: E402
-from transforms import problem as problem_lib
+from models import metrics as metrics_lib  # noqa: E402
+from transforms import problem as problem_lib  # noqa: E402
+from transforms.problem import DType, Kind, Task  # noqa: E402
 
-TAXI = problem_lib.load('taxi')
+DATA = {'taxi': 'data/taxi_trips.csv', 'houses': 'data/houses.csv',
+        'exasens': 'data/exasens.csv'}
 
 
 def _timed(label, fn):
@@ -46,33 +51,33 @@ def _timed(label, fn):
   return seconds
 
 
-def _analyze_only(input_pattern, out):
+def _analyze_only(problem, input_pattern, out):
   with beam.Pipeline(options=PipelineOptions([])) as p:
     split = (p | 'ReadCsv' >> csv_io.ReadCsvRows(input_pattern)
-             | 'ParseAndSplit' >> train.ParseAndSplit(20))
+             | 'ParseAndSplit' >> train.ParseAndSplit(problem, 20))
     with tft_beam.Context(temp_dir=os.path.join(out, 'tmp')):
       transform_fn = (
-          (split['train'] | train.ToRecordBatches(1024),
-           columns.tensor_adapter_config(TAXI))
-          | tft_beam.AnalyzeDataset(preprocessing.preprocessing_fn(TAXI)))
+          (split['train'] | train.ToRecordBatches(problem, 1024),
+           columns.tensor_adapter_config(problem))
+          | tft_beam.AnalyzeDataset(preprocessing.preprocessing_fn(problem)))
       _ = transform_fn | tft_beam.WriteTransformFn(
           os.path.join(out, 'transform'))
 
 
-def _transform_only(input_pattern, out):
+def _transform_only(problem, input_pattern, out):
   import tensorflow_transform as tft
   from tfx_bsl.public import tfxio
   schema = tft.TFTransformOutput(
       os.path.join(out, 'transform')).transformed_metadata.schema
   with beam.Pipeline(options=PipelineOptions([])) as p:
     split = (p | 'ReadCsv' >> csv_io.ReadCsvRows(input_pattern)
-             | 'ParseAndSplit' >> train.ParseAndSplit(20))
+             | 'ParseAndSplit' >> train.ParseAndSplit(problem, 20))
     transform_fn = p | tft_beam.ReadTransformFn(os.path.join(out, 'transform'))
     with tft_beam.Context(temp_dir=os.path.join(out, 'tmp')):
       for name in ('train', 'eval'):
         transformed = (
-            ((split[name] | f'ToArrow{name}' >> train.ToRecordBatches(1024),
-              columns.tensor_adapter_config(TAXI)), transform_fn)
+            ((split[name] | f'ToArrow{name}' >> train.ToRecordBatches(problem, 1024),
+              columns.tensor_adapter_config(problem)), transform_fn)
             | f'Transform{name}' >> tft_beam.TransformDataset(
                 output_record_batches=True))
         # ReadTransformFn yields plain metadata, so encode with the schema.
@@ -84,74 +89,106 @@ def _transform_only(input_pattern, out):
                  os.path.join(out, 'transformed', name)))
 
 
-def _gbt_baseline(input_path: str) -> dict:
-  """sklearn gradient-boosted trees on the raw features, same split."""
-  from sklearn.ensemble import HistGradientBoostingClassifier
-  from sklearn.metrics import roc_auc_score
-  names = [f.name for f in TAXI.model_features]
-  categorical = [f.kind is Kind.CATEGORICAL for f in TAXI.model_features]
+def _gbt_baseline(problem, input_path: str) -> dict:
+  """sklearn gradient-boosted trees on the raw features, same split, scored
+  with the same ``models.metrics`` as the model."""
+  from sklearn.ensemble import (HistGradientBoostingClassifier,
+                                HistGradientBoostingRegressor)
+  features = problem.model_features
+  categorical = [f.kind is Kind.CATEGORICAL or f.dtype is DType.STRING
+                 for f in features]
   xs = {True: [], False: []}
   ys = {True: [], False: []}
-  vocab: dict[str, dict] = {n: {} for n in names}
-  for row in R.read_csv(TAXI, input_path):
+  vocab: dict[str, dict] = {f.name: {} for f in features}
+  for row in R.read_csv(problem, input_path):
     try:
-      record = R.parse_csv_row(TAXI, row)
+      record = R.parse_csv_row(problem, row)
     except R.InvalidRecord:
       continue
-    features = []
-    for name, is_cat in zip(names, categorical):
-      v = record.values[name]
-      features.append(vocab[name].setdefault(v, len(vocab[name])) if is_cat
-                      else v)
-    split = R.is_eval(R.record_key(TAXI, row), 20)
-    xs[split].append(features)
-    ys[split].append(F.is_big_tipper(record.values[TAXI.label.column],
-                                     record.values['fare']))
-  model = HistGradientBoostingClassifier(
-      categorical_features=np.array(categorical), random_state=0)
+    x = []
+    for feature, is_cat in zip(features, categorical):
+      v = record.values[feature.name]
+      x.append(vocab[feature.name].setdefault(v, len(vocab[feature.name]))
+               if is_cat else v)
+    split = R.is_eval(R.record_key(problem, row), 20)
+    xs[split].append(x)
+    ys[split].append(R.label_value(problem, record))
+  train_x = np.array(xs[False], dtype=float)
+  eval_x = np.array(xs[True], dtype=float)
+  train_y, eval_y = np.array(ys[False]), np.array(ys[True])
+  kwargs = dict(categorical_features=np.array(categorical), random_state=0)
   start = time.monotonic()
-  model.fit(np.array(xs[False], dtype=float), np.array(ys[False]))
+  if problem.task is Task.REGRESSION:
+    model = HistGradientBoostingRegressor(**kwargs)
+    log = problem.label.log_target
+    model.fit(train_x, np.log1p(train_y) if log else train_y)
+    output = model.predict(eval_x)
+    output = np.expm1(output) if log else output
+  else:
+    model = HistGradientBoostingClassifier(**kwargs)
+    model.fit(train_x, train_y)
+    output = model.predict_proba(eval_x)
+    if problem.task is Task.BINARY:
+      output = output[:, 1]
   seconds = time.monotonic() - start
-  auc = roc_auc_score(ys[True],
-                      model.predict_proba(np.array(xs[True], dtype=float))[:, 1])
-  return {'auc': float(auc), 'train_seconds': seconds}
+  return {**metrics_lib.for_task(problem.task, eval_y, output,
+                                 problem.label.threshold),
+          'train_seconds': seconds}
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument('--input', default='data/taxi_trips.csv')
+  parser.add_argument('--problem', default='taxi')
+  parser.add_argument('--input', default=None,
+                      help='CSV data (default: the shipped problem\'s).')
+  parser.add_argument('--skip_stages', action='store_true',
+                      help='Only the full run and the baseline.')
   args = parser.parse_args()
-  n_rows = sum(1 for _ in R.read_csv(TAXI, args.input))
+  problem = problem_lib.load(args.problem)
+  data = args.input or DATA[args.problem]
+  n_rows = sum(1 for _ in R.read_csv(problem, data))
   with tempfile.TemporaryDirectory() as tmp:
-    stages = {
+    stages = {} if args.skip_stages else {
         'analyze': _timed('analyze', lambda: _analyze_only(
-            args.input, os.path.join(tmp, 'a'))),
+            problem, data, os.path.join(tmp, 'a'))),
         'transform': _timed('transform', lambda: _transform_only(
-            args.input, os.path.join(tmp, 'a'))),
+            problem, data, os.path.join(tmp, 'a'))),
     }
     out = os.path.join(tmp, 'full')
     start = time.monotonic()
     print('[bench] full training run (pipelines.train) ...', file=sys.stderr,
           flush=True)
-    metrics = train.run(['--input', args.input, '--output_dir', out])
+    # Keras prints its epochs on stdout, which carries only the JSON.
+    with contextlib.redirect_stdout(sys.stderr):
+      metrics = train.run(['--problem', args.problem, '--input', data,
+                           '--output_dir', out])
     total = time.monotonic() - start
   stages.update({k: v for k, v in metrics['seconds'].items()
                  if k != 'total'})
   print('[bench] gradient-boosted-trees baseline ...', file=sys.stderr,
         flush=True)
-  baseline = _gbt_baseline(args.input)
+  baseline = _gbt_baseline(problem, data)
+  headline, larger_is_better = metrics_lib.HEADLINE[problem.task]
+  scores = {k: v for k, v in baseline.items() if k != 'train_seconds'}
   print(json.dumps({
-      'input': args.input,
+      'problem': problem.name,
+      'task': problem.task.value,
+      'input': data,
       'rows': n_rows,
       'stage_seconds': {k: round(v, 2) for k, v in stages.items()},
       'training_run_seconds': round(total, 2),
       'rows_per_second': round(n_rows / total, 1),
-      'preprocess_rows_per_second': round(n_rows / stages['preprocess'], 1),
       'peak_rss_mib': round(
           resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-      'model': {k: metrics[k] for k in ('auc', 'accuracy', 'log_loss',
-                                        'n_train', 'n_eval')},
+      'model': {k: metrics[k] for k in list(scores) + ['n_train', 'n_eval',
+                                                       'n_dead_letters']},
       'gbt_baseline': baseline,
+      'headline': {'metric': headline, 'model': metrics[headline],
+                   'gbt': baseline[headline],
+                   'model_at_least_as_good': (
+                       metrics[headline] >= baseline[headline]
+                       if larger_is_better
+                       else metrics[headline] <= baseline[headline])},
       'cpus': os.cpu_count(),
   }, indent=2))
 

@@ -68,8 +68,13 @@ def _head(problem: Problem) -> tuple[int, str, Any, list[Any]]:
 
 
 def build_model(problem: Problem, tf_transform_output,
-                hparams: HParams = HParams()) -> keras.Model:
-  """A compiled wide & deep model over the transformed features."""
+                hparams: HParams = HParams(),
+                target_mean: float = 0.0) -> keras.Model:
+  """A compiled wide & deep model over the transformed features.
+
+  ``target_mean``: a regression's output starts at the mean training target
+  (``label_mean``), so the first epochs learn the features, not the scale.
+  """
   keras.utils.set_random_seed(hparams.seed)
   inputs: dict[str, Any] = {}
   deep: list[Any] = []
@@ -96,7 +101,8 @@ def build_model(problem: Problem, tf_transform_output,
   for width in hparams.hidden_units:
     h = keras.layers.Dense(width, activation='relu')(h)
     h = keras.layers.Dropout(hparams.dropout)(h)
-  logit = keras.layers.Dense(units)(h)
+  logit = keras.layers.Dense(
+      units, bias_initializer=keras.initializers.Constant(target_mean))(h)
   if wide:
     wide_in = keras.layers.concatenate(wide) if len(wide) > 1 else wide[0]
     logit = keras.layers.add([logit, keras.layers.Dense(units)(wide_in)])
@@ -124,6 +130,20 @@ def transformed_dataset(problem: Problem, file_pattern: str,
   label = problem.label.name
   ds = ds.map(lambda x: (x, x.pop(label)))
   return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def label_mean(problem: Problem, file_pattern: str,
+               tf_transform_output) -> float:
+  """Mean of the transformed label over the data (regression bias init)."""
+  import numpy as np
+  total, count = 0.0, 0
+  for _, label in transformed_dataset(problem, file_pattern,
+                                      tf_transform_output, 4096,
+                                      shuffle=False):
+    values = label.numpy().astype(np.float64)
+    total += values.sum()
+    count += len(values)
+  return total / count if count else 0.0
 
 
 def train(problem: Problem, model: keras.Model, train_pattern: str,

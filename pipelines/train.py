@@ -53,7 +53,7 @@ from transforms import csv_io
 from transforms import problem as problem_lib
 from transforms import records as R
 from transforms import stats as feature_stats
-from transforms.problem import Problem
+from transforms.problem import Problem, Task
 
 TRAIN_PREFIX = 'transformed/train'
 EVAL_PREFIX = 'transformed/eval'
@@ -202,7 +202,10 @@ def train_and_export(problem: Problem, output_dir: str,
   tft_output = tft.TFTransformOutput(os.path.join(output_dir, 'transform'))
   timings = {}
   start = time.monotonic()
-  model = model_lib.build_model(problem, tft_output, hparams)
+  train_pattern = os.path.join(output_dir, TRAIN_PREFIX + '*')
+  target_mean = (model_lib.label_mean(problem, train_pattern, tft_output)
+                 if problem.task is Task.REGRESSION else 0.0)
+  model = model_lib.build_model(problem, tft_output, hparams, target_mean)
   model_lib.train(problem, model, os.path.join(output_dir, TRAIN_PREFIX + '*'),
                   os.path.join(output_dir, EVAL_PREFIX + '*'), tft_output,
                   hparams, verbose=verbose)
