@@ -12,11 +12,14 @@ DEMO_DIR ?= $(RUN_DIR)/demo
 # of your own (then also DATA=your.csv).
 PROBLEM ?= taxi
 DATA ?=
+DATA_taxi := data/taxi_trips.csv
+DATA_houses := data/houses.csv
+DATA_exasens := data/exasens.csv
 PYTEST_ARGS ?=
 # TensorFlow's C++ start-up chatter hides the progress lines.
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install demo test train replay prism kafka-up kafka-down flink-up flink-down \
+.PHONY: install demo test test-unit train replay prism kafka-up kafka-down flink-up flink-down \
         flink-status flink-check bench dataflow-dry-run dataflow-image \
         dataflow-template dataflow-run clean
 
@@ -46,10 +49,15 @@ demo: install prism
 	$(PY) -m tools.demo --problem $(PROBLEM) $(if $(DATA),--input $(DATA)) --work_dir $(DEMO_DIR)
 
 train: install
-	$(PY) -m pipelines.train --input 'data/taxi_trips.csv' --output_dir $(RUN_DIR)/train
+	$(PY) -m pipelines.train --problem $(PROBLEM) \
+	  --input $(or $(DATA),$(DATA_$(PROBLEM))) --output_dir $(RUN_DIR)/train/$(PROBLEM)
 
 test: install prism
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+# The fast tier: no broker, no runner service, no model training (seconds).
+test-unit: install
+	$(PY) -m pytest tests -m 'not integration' $(PYTEST_ARGS)
 
 RATE ?= 200
 replay: install

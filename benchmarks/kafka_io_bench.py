@@ -52,7 +52,7 @@ PRODUCER = {'acks': 'all', 'enable_idempotence': True, 'linger_ms': 5,
 
 def messages(count: int) -> list[tuple[bytes, bytes]]:
   """``count`` (key, JSON value) pairs: the taxi events, cycled."""
-  events = replay.load_events(TAXI_CSV)
+  events = replay.load_events(TAXI, TAXI_CSV)
   out = []
   for i, (eid, event) in zip(range(count), itertools.cycle(events)):
     out.append((f'{eid}-{i}'.encode(),

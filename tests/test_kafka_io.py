@@ -233,7 +233,7 @@ def test_dead_letter_keeps_the_exact_bytes_and_the_reasons():
 @pytest.fixture
 def taxi_events() -> list[tuple[str, dict[str, Any]]]:
   # File order is not event-time order: the data arrives out of order.
-  return replay.load_events(TAXI_CSV, limit=300)
+  return replay.load_events(TAXI, TAXI_CSV, limit=300)
 
 
 def test_bounded_read_returns_exactly_the_records_produced(

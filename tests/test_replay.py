@@ -20,7 +20,7 @@ TAXI_CSV = os.path.join(REPO, 'data', 'taxi_trips.csv')
 
 def test_events_have_stable_ids_and_the_csv_values(tmp_path):
   csv = tmp_path / 'few.csv'
-  rows = list(records.read_csv(TAXI_CSV))[:3]
+  rows = list(records.read_csv(TAXI, TAXI_CSV))[:3]
   header = list(rows[0])
   csv.write_text(','.join(header) + '\n' + ''.join(
       ','.join(r[h] for h in header) + '\n' for r in rows))
@@ -33,20 +33,20 @@ def test_events_have_stable_ids_and_the_csv_values(tmp_path):
 
 
 def test_event_time_order_limit_and_split_agree_with_training():
-  everything = replay.load_events(TAXI_CSV, limit=500)
-  ordered = replay.load_events(TAXI_CSV, order='event_time', limit=50)
+  everything = replay.load_events(TAXI, TAXI_CSV, limit=500)
+  ordered = replay.load_events(TAXI, TAXI_CSV, order='event_time', limit=50)
   times = [e[EVENT_TIME_KEY] for _, e in ordered]
   assert times == sorted(times) and len(ordered) == 50
-  train = replay.load_events(TAXI_CSV, split='train', eval_percent=20)
-  evals = replay.load_events(TAXI_CSV, split='eval', eval_percent=20)
-  assert len(train) + len(evals) == len(replay.load_events(TAXI_CSV))
+  train = replay.load_events(TAXI, TAXI_CSV, split='train', eval_percent=20)
+  evals = replay.load_events(TAXI, TAXI_CSV, split='eval', eval_percent=20)
+  assert len(train) + len(evals) == len(replay.load_events(TAXI, TAXI_CSV))
   assert not {i for i, _ in train} & {i for i, _ in evals}
   by_id = dict(everything)
   for eid, event in evals[:20]:
     if eid in by_id:
       assert by_id[eid] == event
   rows = {replay.event_id(TAXI_CSV, n): row
-          for n, row in enumerate(records.read_csv(TAXI_CSV), start=2)}
+          for n, row in enumerate(records.read_csv(TAXI, TAXI_CSV), start=2)}
   assert all(records.is_eval(records.record_key(TAXI, rows[eid]), 20)
              for eid, _ in evals)
 
@@ -54,7 +54,7 @@ def test_event_time_order_limit_and_split_agree_with_training():
 def test_replay_produces_keyed_json_with_event_time_timestamps(
     kafka_bootstrap, kafka_topic):
   topic = kafka_topic(partitions=2)
-  events = replay.load_events(TAXI_CSV, limit=200)
+  events = replay.load_events(TAXI, TAXI_CSV, limit=200)
   assert replay.replay(TAXI, events, topic, kafka_bootstrap) == 200
   consumer = KafkaConsumer(topic, bootstrap_servers=kafka_bootstrap,
                            auto_offset_reset='earliest',
@@ -72,7 +72,7 @@ def test_replay_produces_keyed_json_with_event_time_timestamps(
 
 def test_replay_keeps_to_the_requested_rate(kafka_bootstrap, kafka_topic):
   topic = kafka_topic()
-  events = replay.load_events(TAXI_CSV, limit=40)
+  events = replay.load_events(TAXI, TAXI_CSV, limit=40)
   progress = io.StringIO()
   start = time.monotonic()
   replay.replay(TAXI, events, topic, kafka_bootstrap, rate=50, progress=progress)

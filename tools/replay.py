@@ -26,9 +26,9 @@ From Python (tests, notebooks)::
 
     from tools import replay
     from transforms import problem
-    events = replay.load_events(problem.load('taxi'), 'data/taxi_trips.csv',
-                                limit=100)
-    replay.replay(events, 'taxi-events', '127.0.0.1:9092', rate=None)
+    taxi = problem.load('taxi')
+    events = replay.load_events(taxi, 'data/taxi_trips.csv', limit=100)
+    replay.replay(taxi, events, 'taxi-events', '127.0.0.1:9092', rate=None)
 """
 
 from __future__ import annotations
