@@ -58,3 +58,12 @@ def pytest_sessionfinish(session, exitstatus):
   ("Really destroying service"); they would print after pytest's summary."""
   logging.getLogger('apache_beam.utils.subprocess_server').setLevel(
       logging.ERROR)
+
+
+def pytest_collection_modifyitems(config, items):
+  """A test that uses the broker is an integration test (`make test-unit`
+  leaves it out)."""
+  for item in items:
+    if {'kafka_bootstrap', 'kafka_topic', 'bootstrap'} & set(
+        getattr(item, 'fixturenames', ())):
+      item.add_marker(pytest.mark.integration)

@@ -124,16 +124,9 @@ def test_csv_batch_run_and_report(tmp_path):
 # ------------------------------------------------------------------ oracle
 
 @pytest.fixture(scope='module')
-def bootstrap(request):
-  """The shared broker fixture when there is one, else a broker of our own."""
-  try:
-    yield request.getfixturevalue('kafka_bootstrap')
-    return
-  except pytest.FixtureLookupError:
-    pass
-  from runners.kafka import KafkaBroker
-  with KafkaBroker() as broker:
-    yield broker.bootstrap_servers
+def bootstrap(kafka_bootstrap):
+  """The session's real broker (tests/conftest.py)."""
+  return kafka_bootstrap
 
 
 def _replay(bootstrap_servers, topic, rows):

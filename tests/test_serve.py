@@ -30,6 +30,9 @@ from tests.topics import TopicReader
 from transforms import records as R
 from tests.taxi import TAXI
 
+# Trains models and/or starts runner services.
+pytestmark = pytest.mark.integration
+
 BAD_EVENTS = [
     b'{"fare": 12.5, not json',                                    # bad JSON
     b'\x00\x9f\xff garbage \xfe',                                  # binary

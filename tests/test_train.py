@@ -19,6 +19,9 @@ from transforms import local
 from transforms import records as R
 from tests.taxi import TAXI
 
+# Trains models and/or starts runner services.
+pytestmark = pytest.mark.integration
+
 N_ROWS = 400
 BAD_ROWS = [
     {'fare': 'abc'},                 # wrong type
