@@ -12,9 +12,6 @@ DEMO_DIR ?= $(RUN_DIR)/demo
 # of your own (then also DATA=your.csv).
 PROBLEM ?= taxi
 DATA ?=
-DATA_taxi := data/taxi_trips.csv
-DATA_houses := data/houses.csv
-DATA_exasens := data/exasens.csv
 PYTEST_ARGS ?=
 # TensorFlow's C++ start-up chatter hides the progress lines.
 export TF_CPP_MIN_LOG_LEVEL ?= 2
@@ -50,7 +47,7 @@ demo: install prism
 
 train: install
 	$(PY) -m pipelines.train --problem $(PROBLEM) \
-	  --input $(or $(DATA),$(DATA_$(PROBLEM))) --output_dir $(RUN_DIR)/train/$(PROBLEM)
+	  $(if $(DATA),--input $(DATA)) --output_dir $(RUN_DIR)/train/$(PROBLEM)
 
 test: install prism
 	$(PY) -m pytest tests $(PYTEST_ARGS)

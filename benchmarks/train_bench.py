@@ -38,8 +38,6 @@ from models import metrics as metrics_lib  # noqa: E402
 from transforms import problem as problem_lib  # noqa: E402
 from transforms.problem import DType, Kind, Task  # noqa: E402
 
-DATA = {'taxi': 'data/taxi_trips.csv', 'houses': 'data/houses.csv',
-        'exasens': 'data/exasens.csv'}
 
 
 def _timed(label, fn):
@@ -145,7 +143,7 @@ def main():
                       help='Only the full run and the baseline.')
   args = parser.parse_args()
   problem = problem_lib.load(args.problem)
-  data = args.input or DATA[args.problem]
+  data = args.input or problem.data
   n_rows = sum(1 for _ in R.read_csv(problem, data))
   with tempfile.TemporaryDirectory() as tmp:
     stages = {} if args.skip_stages else {

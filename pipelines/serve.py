@@ -239,10 +239,8 @@ def topics(problem: Problem, kafka: kafka_io.KafkaOptions) -> dict[str, str]:
 
 
 def build(pipeline: beam.Pipeline, opts: ServeOptions,
-          problem: Optional[Problem] = None) -> dict[str, Any]:
+          problem: Problem) -> dict[str, Any]:
   """Adds the serving job to ``pipeline``; returns its PCollections."""
-  problem = problem or problem_lib.load(
-      opts.view_as(problem_lib.ProblemOptions).problem)
   bootstrap = kafka_io.bootstrap_servers(opts)
   kafka = opts.view_as(kafka_io.KafkaOptions)
   names = topics(problem, kafka)

@@ -66,7 +66,8 @@ class TrainOptions(PipelineOptions):
     # Not argparse-required: Beam parses every registered options class from
     # sys.argv whenever any PipelineOptions is built in this process.
     parser.add_argument('--input',
-                        help='CSV file pattern (local or gs://), with header.')
+                        help='CSV file pattern (local or gs://); default: '
+                        'the problem\'s own data file, if it ships one.')
     parser.add_argument('--output_dir',
                         help='Where transform/, model/, metrics.json go.')
     parser.add_argument('--eval_percent', type=int, default=20,
@@ -235,8 +236,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
       sys.argv[1:] if argv is None else argv))
   train_options = options.view_as(TrainOptions)
   problem = problem_lib.load(options.view_as(problem_lib.ProblemOptions).problem)
+  train_options.input = train_options.input or problem.data
   if not train_options.input or not train_options.output_dir:
-    raise SystemExit('pipelines.train: --input and --output_dir are required')
+    raise SystemExit('pipelines.train: --output_dir is required, and --input '
+                     'unless the problem ships its data')
   output_dir = train_options.output_dir
   started = time.monotonic()
 

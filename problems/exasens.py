@@ -41,4 +41,5 @@ PROBLEM = Problem(
         skip_lines=3),
     hparams={'epochs': 60, 'batch_size': 32, 'hidden_units': (32, 16),
              'dropout': 0.2},
+    data='data/exasens.csv',
 )

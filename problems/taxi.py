@@ -77,4 +77,5 @@ PROBLEM = Problem(
     # Chosen on the eval split of data/taxi_trips.csv: validation AUC peaks
     # after 2-3 epochs and declines after (over-fitting).
     hparams={'epochs': 3},
+    data='data/taxi_trips.csv',
 )

@@ -38,18 +38,17 @@ from transforms.problem import Task
 
 pytestmark = pytest.mark.integration
 
-# problem -> (data file, training epochs: enough to be a real model, quick).
-SHIPPED = {'taxi': ('data/taxi_trips.csv', 1),
-           'houses': ('data/houses.csv', 3),
-           'exasens': ('data/exasens.csv', 5)}
+# problem -> training epochs: enough to be a real model, quick.
+SHIPPED = {'taxi': 1, 'houses': 3, 'exasens': 5}
 EVENTS = 150
 
 
 @pytest.fixture(scope='module', params=sorted(SHIPPED))
 def served(request, tmp_path_factory, kafka_bootstrap):
   name = request.param
-  data, epochs = SHIPPED[name]
+  epochs = SHIPPED[name]
   problem = problem_lib.load(name)
+  data = problem.data
   out = str(tmp_path_factory.mktemp(name))
   metrics = train.run(['--problem', name, '--input', data,
                        '--output_dir', out, '--epochs', str(epochs)])
@@ -159,7 +158,7 @@ def _rows(path: str):
                                        ('houses', 7 * 86400)])
 def test_analytics_windows_equal_a_plain_group_by(tmp_path, name, size):
   problem = problem_lib.load(name)
-  data, _ = SHIPPED[name]
+  data = problem.data
   out = str(tmp_path / 'analytics')
   analytics.run(['--problem', name, '--input_csv', data, '--output_path', out,
                  '--window', 'fixed', '--size', str(size),

@@ -32,9 +32,6 @@ from runners import kafka as kafka_runner
 from transforms import problem as problem_lib
 from transforms.problem import Problem, Task
 
-# The data file of each shipped problem.
-DATA = {'taxi': 'data/taxi_trips.csv', 'houses': 'data/houses.csv',
-        'exasens': 'data/exasens.csv'}
 LOG_APPEND_TIME = {'message.timestamp.type': 'LogAppendTime'}
 BAD_EVENTS = [b'{"fare": 3.5, "payment_type": ', b'\xff\xfe\x00garbage',
               json.dumps({'fare': 'ten', 'payment_type': 'Cash'}).encode()]
@@ -178,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                       default=os.path.expanduser('~/.cache/rtml/run/demo'))
   args, runner_args = parser.parse_known_args(argv)
   problem = problem_lib.load(args.problem)
-  data = args.input or DATA.get(args.problem)
+  data = args.input or problem.data
   if not data:
     parser.error(f'--input is needed for problem {args.problem}')
   os.makedirs(args.work_dir, exist_ok=True)

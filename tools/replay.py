@@ -59,13 +59,9 @@ def event_time_ms(problem: Problem, event: Mapping[str, Any]) -> Optional[int]:
   spec = problem.event_time
   if spec.field is None:
     return None
-  value = event.get(spec.field)
   try:
-    seconds = (spec.parse_text(value) if isinstance(value, str)
-               else spec.seconds(value))
-  except (TypeError, ValueError):
-    return None
-  if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+    seconds = spec.raw_seconds(event.get(spec.field))
+  except ValueError:
     return None
   if not math.isfinite(seconds) or not 0 <= seconds < 253402300800:
     return None

@@ -17,7 +17,7 @@ from apache_beam.metrics import Metrics
 from transforms import kafka_io
 from transforms import records
 from transforms.kafka_io import KafkaRecord, dead_letter
-from transforms.problem import Problem, TimeUnit
+from transforms.problem import Problem
 
 METRICS_NAMESPACE = kafka_io.METRICS_NAMESPACE
 
@@ -115,14 +115,9 @@ class ProblemEventTime:
     self._event_time = problem.event_time
 
   def __call__(self, record: KafkaRecord) -> Optional[float]:
-    event_time = self._event_time
     try:
-      value = json.loads(record.value)[event_time.field]
-      if event_time.unit is TimeUnit.FORMAT:
-        return event_time.parse_text(value)
-      if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-      return event_time.seconds(value)
+      return self._event_time.raw_seconds(
+          json.loads(record.value)[self._event_time.field])
     except Exception:  # pylint: disable=broad-except
       return None      # the source falls back to the Kafka timestamp
 

@@ -167,7 +167,7 @@ def add_scored(problem: Problem, acc: list[list[float]],
       quality[10] += error * error
       quality[11] += abs(error) / abs(label) if label else 0.0
   for plan, f_acc in zip(plans, acc[1:]):
-    if S.is_missing(record, plan.name):
+    if R.is_missing(record, plan.name):
       f_acc[0] += 1
       continue
     value = record.values[plan.name]

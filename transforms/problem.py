@@ -193,6 +193,16 @@ class EventTime:
     """Parsed field value -> Unix seconds."""
     return value / 1000.0 if self.unit is TimeUnit.MILLISECONDS else value
 
+  def raw_seconds(self, value: Any) -> float:
+    """A raw (JSON) field value -> Unix seconds; raises ValueError."""
+    if self.unit is TimeUnit.FORMAT:
+      if not isinstance(value, str):
+        raise ValueError('expected a date-time string')
+      return self.parse_text(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise ValueError('expected a number')
+    return self.seconds(value)
+
 
 class Op(enum.Enum):
   SUM = 'sum'
@@ -256,6 +266,8 @@ class Problem:
     vocab_size: top-k of each categorical vocabulary.
     oov_buckets: out-of-vocabulary buckets of each categorical.
     hparams: model hyper-parameter overrides (``models.model.HParams`` fields).
+    data: the problem's own CSV file, if it ships one (the default input of
+      training, the demo and the benchmarks).
   """
   name: str
   features: tuple[Feature, ...]
@@ -270,6 +282,7 @@ class Problem:
   oov_buckets: int = 10
   hparams: Mapping[str, Any] = dataclasses.field(
       default_factory=dict, hash=False, compare=False)
+  data: Optional[str] = None
 
   def __post_init__(self):
     names = [f.name for f in self.features]

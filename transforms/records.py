@@ -101,9 +101,6 @@ def _coerce(problem: Problem, feature: Feature, value: Any,
   if feature.dtype is DType.STRING:
     if not from_text and not isinstance(value, str):
       raise ValueError(f'expected a string, got {type(value).__name__}')
-    if (feature.name == problem.label.column and problem.label.classes
-        and value not in problem.label.classes):
-      raise ValueError(f'not one of the classes {list(problem.label.classes)}')
     return value
   if (feature.kind is Kind.EVENT_TIME
       and problem.event_time.unit is TimeUnit.FORMAT):
@@ -131,10 +128,14 @@ def _coerce(problem: Problem, feature: Feature, value: Any,
     raise ValueError('not an integer')
   integer = int(number)
   _check_domain(feature, integer)
-  if problem.label.classes and feature.name == problem.label.column and (
-      integer not in problem.label.classes):
-    raise ValueError(f'not one of the classes {list(problem.label.classes)}')
   return integer
+
+
+def _check_class(problem: Problem, feature: Feature, value: Any) -> None:
+  classes = problem.label.classes
+  if classes and feature.name == problem.label.column and (
+      value not in classes):
+    raise ValueError(f'not one of the classes {list(classes)}')
 
 
 def _parse(problem: Problem, raw: Mapping[str, Any], from_text: bool,
@@ -158,6 +159,7 @@ def _parse(problem: Problem, raw: Mapping[str, Any], from_text: bool,
       continue
     try:
       values[feature.name] = _coerce(problem, feature, value, from_text)
+      _check_class(problem, feature, values[feature.name])
     except ValueError as e:
       errors.append(FieldError(feature.name, value, str(e)))
   if errors:
@@ -203,10 +205,17 @@ def event_seconds(problem: Problem, record: Record) -> Optional[float]:
   return problem.event_time.seconds(record.values[field])
 
 
+def is_missing(record: Record, name: str) -> bool:
+  """A feature is missing if the parser filled its default or left it out.
+
+  An absent label (serving events) is left out of ``values`` entirely.
+  """
+  return name in record.missing or name not in record.values
+
+
 def label_value(problem: Problem, record: Record) -> Any:
   """The record's label (class index or target), None when it has none."""
-  if problem.label.column not in record.values or (
-      problem.label.column in record.missing):
+  if is_missing(record, problem.label.column):
     return None
   return problem.label.value(record.values)
 

@@ -53,7 +53,7 @@ from typing import Any, Iterable
 import apache_beam as beam
 
 from transforms.problem import DType, Feature, Kind, Problem
-from transforms.records import Record
+from transforms.records import Record, is_missing
 
 TOP_VALUES = 20
 
@@ -72,14 +72,6 @@ def has_vocabulary(feature: Feature) -> bool:
   """Whether ``feature`` gets top values and a vocabulary."""
   return feature.kind in _COUNTED_KINDS or (
       feature.kind is Kind.LABEL and feature.dtype is DType.STRING)
-
-
-def is_missing(record: Record, name: str) -> bool:
-  """A feature is missing if the parser filled its default or left it out.
-
-  An absent label (serving events) is left out of ``values`` entirely.
-  """
-  return name in record.missing or name not in record.values
 
 
 # Exact sums: a list of non-overlapping floats whose exact sum is the total.

@@ -236,17 +236,13 @@ def new_aggregate(problem: Problem) -> list[float]:
           + [0.0, 0.0] * len(problem.ratios))
 
 
-def _present(record: Record, name: str) -> bool:
-  return name in record.values and name not in record.missing
-
-
 def add_record(problem: Problem, acc: list, record: Record) -> list:
   """Adds one record; absent fields (an unlabelled event's label) are
   skipped, so ``<field>_count`` says how many records had it."""
   acc[0] += 1
   i = 1
   for aggregate in problem.aggregates:
-    if _present(record, aggregate.field):
+    if not R.is_missing(record, aggregate.field):
       x = float(record.values[aggregate.field])
       acc[i] += 1
       acc[i + 1] += x
@@ -254,8 +250,8 @@ def add_record(problem: Problem, acc: list, record: Record) -> list:
       acc[i + 3] = x if acc[i + 3] is None else max(acc[i + 3], x)
     i += 4
   for ratio in problem.ratios:
-    if _present(record, ratio.numerator) and _present(
-        record, ratio.denominator):
+    if not (R.is_missing(record, ratio.numerator)
+            or R.is_missing(record, ratio.denominator)):
       acc[i] += float(record.values[ratio.numerator])
       acc[i + 1] += float(record.values[ratio.denominator])
     i += 2
