@@ -456,7 +456,8 @@ def test_flink_streaming_serving_on_kafka_equals_batch_predictions(
   import numpy as np
   from kafka import KafkaProducer
   from models import export, serving
-  from tools import replay, serve
+  from pipelines import serve
+  from tools import replay
   from transforms import records
 
   model_root = str(flink_training['flink']['out'] / 'model')

@@ -11,6 +11,7 @@ version, equal to batch predictions of that SavedModel on the same raw rows.
 """
 
 import json
+import logging
 import os
 import threading
 import time
@@ -43,6 +44,25 @@ BAD_EVENTS = [
 PHASE_SIZES = (120, 100, 60)
 # Phase 2 lasts until version 2 is seen serving; at most this many events.
 PHASE2_MAX = 400
+
+
+class RejectedVersions(logging.Handler):
+  """Versions the in-process workers' model watcher rejected (its log)."""
+
+  def __init__(self):
+    super().__init__(logging.ERROR)
+    self.versions = set()
+
+  def emit(self, record):
+    if isinstance(record.msg, str) and record.msg.startswith(
+        'Model version %d rejected'):
+      self.versions.add(record.args[0])
+
+  def until(self, version: int, timeout_s: float) -> set:
+    deadline = time.monotonic() + timeout_s
+    while version not in self.versions and time.monotonic() < deadline:
+      time.sleep(0.2)
+    return self.versions
 
 
 @pytest.fixture(scope='module')
@@ -115,9 +135,15 @@ def scenario(tmp_path_factory, kafka_bootstrap):
     # Phase 3: a corrupt version 3; version 2 must keep serving.
     corrupt = os.path.join(model_root, '3')
     os.makedirs(os.path.join(corrupt, 'variables'))
-    with open(os.path.join(corrupt, 'saved_model.pb'), 'wb') as f:
-      f.write(b'this is not a SavedModel')
-    time.sleep(3)  # several polls: the watcher sees and rejects it
+    rejected = RejectedVersions()
+    logging.getLogger().addHandler(rejected)
+    try:
+      with open(os.path.join(corrupt, 'saved_model.pb'), 'wb') as f:
+        f.write(b'this is not a SavedModel')
+      # The worker's watcher (in this process: LOOPBACK) rejects it.
+      rejected.until(3, 60)
+    finally:
+      logging.getLogger().removeHandler(rejected)
     replay.replay(TAXI, phases[2], topics['trips'], kafka_bootstrap)
     total = sum(len(phase) for phase in phases)
     predictions.until(total, 120)
@@ -128,6 +154,7 @@ def scenario(tmp_path_factory, kafka_bootstrap):
     predictions.close()
     dead_letters.close()
   return {'model_root': model_root, 'phases': phases,
+          'rejected': rejected.versions,
           'predictions': predictions.items,
           'dead_letters': dead_letters.items}
 
@@ -140,7 +167,7 @@ def test_exactly_one_prediction_per_event_with_a_model_version(scenario):
   for p in scenario['predictions']:
     assert p['model_version'] in (1, 2)
     assert 0.0 <= p['probability'] <= 1.0
-    assert p['class'] == int(p['probability'] > 0.5)
+    assert p['class'] == int(p['probability'] >= 0.5)
     assert p['label'] in (0, 1)  # held-out events carry tips
     assert p['ingest_ms'] <= p['predicted_ms']
 
@@ -168,6 +195,8 @@ def test_hot_swap_to_v2_and_corrupt_v3_rejected(scenario):
   assert len(phase2) < PHASE2_MAX
   assert {by_id[eid] for eid, _ in phase3} == {2}
   assert export.list_versions(scenario['model_root']) == [1, 2, 3]
+  # Rejected by the running pipeline's watcher, not merely never looked at.
+  assert 3 in scenario['rejected']
   assert serving.newest_valid_version(TAXI, scenario['model_root']) == 2
 
 
