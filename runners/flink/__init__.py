@@ -458,8 +458,11 @@ class FlinkCluster:
                  timeout)
       self._spawn(java, 'taskmanager',
                   'org.apache.flink.runtime.taskexecutor.TaskManagerRunner')
-      self._wait(lambda: (self._overview() or {}).get('taskmanagers', 0) > 0,
-                 'registered TaskManager', timeout)
+      # Registered is not ready: its slots are reported a moment later, and
+      # a job submitted before then waits for resources.
+      self._wait(lambda: (self._overview() or {}).get('slots-total', 0)
+                 >= self.slots, f'TaskManager with {self.slots} slots',
+                 timeout)
     except BaseException:
       self.stop()
       raise
