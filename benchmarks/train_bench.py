@@ -51,7 +51,7 @@ def _timed(label, fn):
 
 def _analyze_only(problem, input_pattern, out):
   with beam.Pipeline(options=PipelineOptions([])) as p:
-    split = (p | 'ReadCsv' >> csv_io.ReadCsvRows(input_pattern)
+    split = (p | 'ReadCsv' >> csv_io.ReadCsvRows(problem, input_pattern)
              | 'ParseAndSplit' >> train.ParseAndSplit(problem, 20))
     with tft_beam.Context(temp_dir=os.path.join(out, 'tmp')):
       transform_fn = (
@@ -68,7 +68,7 @@ def _transform_only(problem, input_pattern, out):
   schema = tft.TFTransformOutput(
       os.path.join(out, 'transform')).transformed_metadata.schema
   with beam.Pipeline(options=PipelineOptions([])) as p:
-    split = (p | 'ReadCsv' >> csv_io.ReadCsvRows(input_pattern)
+    split = (p | 'ReadCsv' >> csv_io.ReadCsvRows(problem, input_pattern)
              | 'ParseAndSplit' >> train.ParseAndSplit(problem, 20))
     transform_fn = p | tft_beam.ReadTransformFn(os.path.join(out, 'transform'))
     with tft_beam.Context(temp_dir=os.path.join(out, 'tmp')):
