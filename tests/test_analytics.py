@@ -24,7 +24,6 @@ from apache_beam.transforms.window import TimestampedValue
 
 from pipelines import analytics
 from tools import report as analytics_report
-from transforms.problem import DType, Feature, Kind, transformed_name
 from transforms import records as R
 from transforms import stats as S
 from transforms import windowing

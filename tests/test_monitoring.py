@@ -14,7 +14,6 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import TimestampedValue
 
-from transforms.problem import DType, Feature, Kind, transformed_name
 from transforms import monitoring as M
 from transforms import records as R
 from transforms import stats as S

@@ -9,7 +9,7 @@ import tensorflow_transform.beam as tft_beam
 from apache_beam.testing.util import assert_that
 
 from transforms import columns
-from transforms.problem import DType, Feature, Kind, transformed_name
+from transforms.problem import transformed_name
 from transforms import preprocessing
 from transforms import records as R
 from tests.taxi import TAXI

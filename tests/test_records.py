@@ -6,7 +6,6 @@ import math
 import pytest
 
 from tests import taxi
-from transforms.problem import DType, Feature, Kind, transformed_name
 from transforms import records as R
 from tests.taxi import TAXI
 

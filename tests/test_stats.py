@@ -7,7 +7,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.util import assert_that, equal_to
 
-from transforms.problem import DType, Feature, Kind, transformed_name
+from transforms.problem import Kind
 from transforms import records as R
 from transforms import stats as S
 from tests.taxi import TAXI

@@ -14,7 +14,6 @@ import tensorflow as tf
 from models import export
 from pipelines import train
 from transforms import columns
-from transforms.problem import DType, Feature, Kind, transformed_name
 from transforms import local
 from transforms import records as R
 from tests.taxi import TAXI

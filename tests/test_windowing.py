@@ -19,7 +19,6 @@ from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.windowed_value import PaneInfo, PaneInfoTiming
 
 from tests import taxi
-from transforms.problem import DType, Feature, Kind, transformed_name
 from transforms import records as R
 from transforms import windowing
 from transforms.windowing import WindowConfig
