@@ -21,6 +21,11 @@ change (a slow upload finishing). Each batch is scored by one version, whose
 number is stamped on every ``PredictionResult`` (``model_id``); no batch
 waits for a load.
 
+Failures. A batch the model cannot score is split until the failing events
+are alone; each of those, and each event whose outputs are not finite, gets
+a ``FailedInference`` (with the reason) as its inference, which the serving
+pipeline turns into a dead letter. Good events of the batch are scored.
+
 Why not RunInference's model side input (``model_metadata_pcoll``, fed by
 ``WatchFilePattern``)? ``WatchFilePattern`` matches files while a SavedModel
 is a directory; RunInference would retry a bundle forever if a pushed model
@@ -94,6 +99,20 @@ def inference(problem: Problem, outputs: dict[str, Any], i: int
         float(p) for p in outputs[export.PROBABILITIES][i]],
             export.CLASS: int(outputs[export.CLASS][i])}
   return {export.PREDICTION: float(outputs[export.PREDICTION][i])}
+
+
+class FailedInference(NamedTuple):
+  """The inference of one event that could not be scored, and why."""
+  reason: str
+
+
+def check_output(problem: Problem, row: dict[str, Any]) -> Optional[str]:
+  """Why one event's outputs (``inference``) are unusable, or None."""
+  values = row.get(export.PROBABILITIES) or [
+      row.get(export.PROBABILITY, row.get(export.PREDICTION))]
+  if not all(isinstance(v, float) and math.isfinite(v) for v in values):
+    return f'the model answered a non-finite value: {row!r}'
+  return None
 
 
 def canary_record(problem: Problem) -> Record:
@@ -288,6 +307,7 @@ class RawFeaturesModelHandler(ModelHandler[Record, PredictionResult,
     self._rejected = Metrics.counter(METRICS_NAMESPACE,
                                      'model_versions_rejected')
     self._version = Metrics.gauge(METRICS_NAMESPACE, 'model_version_in_use')
+    self._splits = Metrics.counter(METRICS_NAMESPACE, 'failed_batches_split')
 
   def load_model(self) -> VersionedModel:
     return VersionedModel(self._problem, self._model_root, self._poll_secs)
@@ -299,11 +319,33 @@ class RawFeaturesModelHandler(ModelHandler[Record, PredictionResult,
     for event, _ in model.drain_events():
       (self._accepted if event == 'accepted' else self._rejected).inc()
     self._version.set(loaded.version)
-    outputs = predict(self._problem, loaded, batch)
+    return self._score(loaded, list(batch))
+
+  def _score(self, loaded: LoadedModel, batch: list[Record]
+             ) -> list[PredictionResult]:
+    """Scores a batch; a batch that fails is split in halves until the
+    events that fail are alone, so one bad event never takes good ones
+    with it. Those get a ``FailedInference``."""
     model_id = str(loaded.version)
-    return [PredictionResult(record, inference(self._problem, outputs, i),
-                             model_id)
-            for i, record in enumerate(batch)]
+    try:
+      outputs = predict(self._problem, loaded, batch)
+      rows = [inference(self._problem, outputs, i) for i in range(len(batch))]
+    except Exception as e:  # pylint: disable=broad-except
+      if len(batch) > 1:
+        self._splits.inc()
+        middle = len(batch) // 2
+        return (self._score(loaded, batch[:middle]) +
+                self._score(loaded, batch[middle:]))
+      rows = [FailedInference(f'inference failed: {type(e).__name__}: '
+                              f'{str(e)[:500]}')]
+    results = []
+    for record, row in zip(batch, rows):
+      if not isinstance(row, FailedInference):
+        reason = check_output(self._problem, row)
+        if reason:
+          row = FailedInference(reason)
+      results.append(PredictionResult(record, row, model_id))
+    return results
 
   def get_num_bytes(self, batch: Sequence[Record]) -> int:
     return sum(len(r.values) * 8 for r in batch)

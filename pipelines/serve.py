@@ -97,13 +97,26 @@ class ServeOptions(PipelineOptions):
 
 
 class EventContext(NamedTuple):
-  """What a prediction needs to know about its event besides the features."""
+  """What a prediction needs to know about its event besides the features.
+
+  ``key`` and ``value`` are the original bytes, for a dead letter should a
+  later stage fail on the event.
+  """
   event_id: str
   topic: str
   partition: int
   offset: int
   timestamp_ms: int
   ingest_ms: int
+  key: Optional[bytes] = None
+  value: Optional[bytes] = None
+
+  def dead_letter(self, reason: str, stage: str) -> tuple[str, dict]:
+    """(event id, dead letter) of this event."""
+    return self.event_id, kafka_io.dead_letter(
+        kafka_io.KafkaRecord(self.topic, self.partition, self.offset,
+                             self.key, self.value, self.timestamp_ms),
+        [{'field': '*', 'value': None, 'reason': reason}], stage=stage)
 
 
 def attach_context(element: tuple[kafka_io.KafkaRecord, Record]
@@ -118,7 +131,8 @@ def attach_context(element: tuple[kafka_io.KafkaRecord, Record]
   else:
     event_id = f'{source.topic}-{source.partition}-{source.offset}'
   return EventContext(event_id, source.topic, source.partition, source.offset,
-                      source.timestamp_ms, int(time.time() * 1000)), record
+                      source.timestamp_ms, int(time.time() * 1000),
+                      source.key, source.value), record
 
 
 def prediction_record(problem: Problem, context: EventContext,
@@ -156,40 +170,56 @@ def _iso(ms: int) -> Optional[str]:
 
 
 class FormatPrediction(beam.DoFn):
+  """(EventContext, PredictionResult) -> (event id, prediction dict), or a
+  dead letter (``DEAD_LETTERS`` output) for an event the model could not
+  score or whose prediction cannot be formatted."""
+
+  DEAD_LETTERS = 'dead_letters'
 
   def __init__(self, problem: Problem):
     self._problem = problem
     self._predictions = Metrics.counter(METRICS_NAMESPACE, 'predictions')
+    self._failed = Metrics.counter(METRICS_NAMESPACE, 'inference_failures')
     self._latency = Metrics.distribution(METRICS_NAMESPACE,
                                          'ingest_to_prediction_ms')
 
   def process(self, element):
     context, result = element
-    prediction = prediction_record(self._problem, context, result)
+    if isinstance(result.inference, serving.FailedInference):
+      self._failed.inc()
+      yield beam.pvalue.TaggedOutput(self.DEAD_LETTERS, context.dead_letter(
+          result.inference.reason, 'Predict'))
+      return
+    try:
+      prediction = prediction_record(self._problem, context, result)
+    except Exception as e:  # pylint: disable=broad-except
+      self._failed.inc()
+      yield beam.pvalue.TaggedOutput(self.DEAD_LETTERS, context.dead_letter(
+          f'formatting the prediction failed: {type(e).__name__}: {e}',
+          'FormatPrediction'))
+      return
     self._predictions.inc()
     self._latency.update(prediction['predicted_ms'] - context.ingest_ms)
     yield context.event_id, prediction
 
 
 class InferenceDeadLetters(beam.DoFn):
-  """(failed batch, exception) → one dead letter per event of the batch."""
+  """(failed batch, exception) -> one dead letter per event of the batch.
+
+  The handler isolates failing events itself (``models.serving``); this is
+  for what RunInference catches around it (e.g. the model failing to load).
+  """
 
   def __init__(self):
     self._failed = Metrics.counter(METRICS_NAMESPACE, 'inference_failures')
 
   def process(self, element):
     batch, exception = element
-    for context, record in batch:
+    for context, _ in batch:
       self._failed.inc()
-      yield context.event_id, {
-          'topic': context.topic, 'partition': context.partition,
-          'offset': context.offset, 'timestamp_ms': context.timestamp_ms,
-          'key': context.event_id, 'value': json.dumps(record.values),
-          'errors': [{'field': '*', 'value': None,
-                      'reason': f'inference failed: '
-                                f'{type(exception).__name__}: {exception}'}],
-          'stage': 'Predict',
-      }
+      yield context.dead_letter(
+          f'inference failed: {type(exception).__name__}: {exception}',
+          'Predict')
 
 
 class Predict(beam.PTransform):
@@ -222,11 +252,15 @@ class Predict(beam.PTransform):
         | 'RunInference' >> RunInference(
             self._handler, metrics_namespace=METRICS_NAMESPACE
         ).with_exception_handling())
+    formatted = results | 'FormatPrediction' >> beam.ParDo(
+        FormatPrediction(self._problem)).with_outputs(
+            FormatPrediction.DEAD_LETTERS, main='predictions')
+    failed = failures.failed_inferences | 'FailedToDeadLetters' >> (
+        beam.ParDo(InferenceDeadLetters()))
     return {
-        'predictions': results | 'FormatPrediction' >> beam.ParDo(
-            FormatPrediction(self._problem)),
-        'failures': failures.failed_inferences | 'FailedToDeadLetters' >> (
-            beam.ParDo(InferenceDeadLetters())),
+        'predictions': formatted.predictions,
+        'failures': (formatted[FormatPrediction.DEAD_LETTERS], failed)
+                    | 'MergeFailures' >> beam.Flatten(),
     }
 
 
@@ -265,19 +299,46 @@ def build(pipeline: beam.Pipeline, opts: ServeOptions,
                 # A Dataflow --dry_run builds the graph without touching the
                 # (remote) model directory.
                 check_model=not opts.view_as(TestOptions).dry_run))
-  _ = scored['predictions'] | 'WritePredictions' >> kafka_io.WriteToKafka(
-      bootstrap, names['output'],
-      producer_config=kafka.producer_config, event_timestamps=False)
+  unwritable = scored['predictions'] | 'WritePredictions' >> (
+      kafka_io.WriteToKafka(bootstrap, names['output'],
+                            producer_config=kafka.producer_config,
+                            event_timestamps=False, give_up_s=kafka.give_up_s))
   dead_letters = (
       (events.dead_letters
        | 'KeyDeadLetters' >> beam.Map(
            lambda d: (f"{d['topic']}-{d['partition']}-{d['offset']}", d)),
-       scored['failures'])
+       scored['failures'],
+       unwritable | 'UnwritableToDeadLetters' >> beam.Map(
+           _unwritable_dead_letter, names['output']))
       | 'MergeDeadLetters' >> beam.Flatten())
-  _ = dead_letters | 'WriteDeadLetters' >> kafka_io.WriteToKafka(
-      bootstrap, names['dead_letters'],
-      producer_config=kafka.producer_config, event_timestamps=False)
+  lost = dead_letters | 'WriteDeadLetters' >> kafka_io.WriteToKafka(
+      bootstrap, names['dead_letters'], producer_config=kafka.producer_config,
+      event_timestamps=False, give_up_s=kafka.give_up_s)
+  _ = lost | 'LogUnwritableDeadLetters' >> beam.FlatMap(_log_lost)
   return {'predictions': scored['predictions'], 'dead_letters': dead_letters}
+
+
+def _unwritable_dead_letter(unwritable: kafka_io.Unwritable, topic: str
+                            ) -> tuple[str, dict]:
+  """A prediction the output topic refused, as a dead letter."""
+  key = unwritable.key if isinstance(unwritable.key, str) else repr(
+      unwritable.key)[:1024]
+  value = unwritable.value if isinstance(unwritable.value, dict) else {}
+  source = value.get('source') or {}
+  return key, kafka_io.dead_letter(
+      kafka_io.KafkaRecord(source.get('topic'), source.get('partition'),
+                           source.get('offset'), key.encode('utf-8', 'replace'),
+                           None, source.get('timestamp_ms', -1)),
+      [{'field': '*', 'value': None,
+        'reason': f'writing to {topic!r} failed: {unwritable.reason}'}],
+      stage='WritePredictions')
+
+
+def _log_lost(unwritable: kafka_io.Unwritable) -> tuple[()]:
+  """The last resort: a dead letter the dead-letter topic refused."""
+  logging.error('A dead letter could not be written (%s): key %r',
+                unwritable.reason, unwritable.key)
+  return ()
 
 
 def start(argv: Optional[list[str]] = None):

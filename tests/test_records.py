@@ -127,3 +127,56 @@ def test_split_is_deterministic_and_close_to_the_requested_share():
   assert 0.18 < share < 0.22
   # Identical rows share a key, hence a split.
   assert R.record_key(TAXI, rows[0]) == R.record_key(TAXI, dict(rows[0]))
+
+
+def test_poison_values_are_rejected_with_a_reason_not_an_exception():
+  """Values that crashed stages downstream are invalid at the parser."""
+  good = R.csv_row_to_event(TAXI, GOOD_CSV)
+  cases = {
+      # An int of 400 digits has no float: OverflowError before.
+      'trip_start_timestamp': (10**400, 'out of range'),
+      'fare': (1e308, 'out of range (float32)'),        # inf as float32
+      'pickup_census_tract': (1e19, 'out of range (int64)'),
+      'dropoff_census_tract': (-2**63 - 1, 'out of range (int64)'),
+      'company': ('\ud800', 'not valid Unicode (a lone surrogate)'),
+  }
+  for field, (value, reason) in cases.items():
+    with pytest.raises(R.InvalidRecord) as e:
+      R.parse_json(TAXI, dict(good, **{field: value}))
+    assert _errors(e) == {(field, reason)}, field
+  for seconds in (10**12, -1):
+    with pytest.raises(R.InvalidRecord) as e:
+      R.parse_json(TAXI, dict(good, trip_start_timestamp=seconds))
+    assert _errors(e) == {('trip_start_timestamp',
+                           'not a plausible event time (outside 1970-9999)')}
+  # The largest values that fit are fine, and ints stay exact.
+  record = R.parse_json(TAXI, dict(good, fare=3.4e38,
+                                   pickup_census_tract=2**63 - 1))
+  assert record.values['pickup_census_tract'] == 2**63 - 1
+
+
+def test_json_nested_too_deeply_is_invalid_not_a_crash():
+  deep = b'[' * 100_000 + b']' * 100_000
+  with pytest.raises(R.InvalidRecord) as e:
+    R.parse_json_bytes(TAXI, deep)
+  assert _errors(e) == {('*', 'not JSON: nested too deeply')}
+  nested = json.loads(b'[' * 500 + b']' * 500)
+  with pytest.raises(R.InvalidRecord) as e:
+    R.parse_json(TAXI, dict(R.csv_row_to_event(TAXI, GOOD_CSV), fare=nested))
+  assert len(str(e.value)) < 500  # the message stays short
+
+
+def test_event_id_must_be_a_short_string_or_number():
+  from transforms import problem as problem_lib
+  exasens = problem_lib.load('exasens')
+  event = {'id': 'p-1', 'diagnosis': 'COPD', 'gender': 1, 'age': 50.0,
+           'smoking': 2}
+  assert R.parse_json(exasens, event).event_id == 'p-1'
+  assert R.parse_json(exasens, dict(event, id=17)).event_id == '17'
+  for bad in ([1] * 3, {'a': 1}, 'x' * 5000, '\ud800', True):
+    try:
+      R.parse_json(exasens, dict(event, id=bad))
+    except R.InvalidRecord as e:
+      assert [x.field for x in e.errors] == ['id'], e
+    else:
+      raise AssertionError(f'id {bad!r} accepted')

@@ -28,6 +28,7 @@ from pipelines import serve
 from pipelines import train
 from runners import kafka as kafka_runner
 from tests.topics import TopicReader
+from transforms import kafka_io
 from transforms import records as R
 from tests.taxi import TAXI
 
@@ -179,7 +180,7 @@ def test_bad_events_are_dead_lettered_with_reasons(scenario):
       f'bad-{i}' for i in range(len(BAD_EVENTS)))
   for d in dead:
     assert d['errors'] and all(e['reason'] for e in d['errors'])
-    assert d['value_base64']  # the original bytes are kept
+    assert kafka_io.original_bytes(d)  # the original bytes are kept
   reasons = {d['key']: d['errors'][0]['reason'] for d in dead}
   assert reasons['bad-0'].startswith('not JSON')
   assert reasons['bad-4'] == 'expected an object'

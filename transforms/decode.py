@@ -60,7 +60,7 @@ class _DecodeEventsFn(beam.DoFn):
     else:
       self._decoded.inc()
       if self._with_source:
-        yield record._replace(value=None), parsed
+        yield record, parsed
       elif self._with_keys:
         key = (record.key.decode('utf-8', errors='replace')
                if record.key is not None else None)
@@ -84,9 +84,9 @@ class DecodeEvents(beam.PTransform):
     problem: what a record is (``transforms.problem``).
     require_label: events without a valid label are dead letters.
     with_keys: emit ``(kafka key as str, Record)`` instead of ``Record``.
-    with_source: emit ``(KafkaRecord without its value, Record)``: the key,
-      topic, partition, offset and timestamp travel with the record (serving
-      stamps them on predictions).
+    with_source: emit ``(KafkaRecord, Record)``: the key, topic, partition,
+      offset and timestamp travel with the record (serving stamps them on
+      predictions), and the original bytes (for a later dead letter).
 
   Returns (from ``expand``): a tuple with ``.records`` and ``.dead_letters``.
   """

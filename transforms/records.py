@@ -11,7 +11,12 @@ Rules (derived from the problem's feature table, ``transforms.problem``):
 * missing (absent, JSON ``null``, or empty string) -> the declared default, or
   an error ``missing`` if the feature is required;
 * a float that is not a finite number -> ``not a finite number``;
+* a number beyond its tensor type (float32, int64) -> ``out of range``;
 * an int feature given a non-integral value -> ``not an integer``;
+* an event time outside the years 1970-9999 -> ``not a plausible event time``;
+* a string that is not valid Unicode (a lone surrogate) -> ``not valid
+  Unicode``;
+* JSON nested too deeply to parse -> ``not JSON``;
 * a number outside its declared domain -> ``out of domain``;
 * a date-time event time not in its format -> a reason naming the format;
 * a label outside the declared classes -> ``not one of the classes``;
@@ -34,6 +39,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import reprlib
 from typing import Any, Iterable, Mapping, NamedTuple, Optional
 
 from transforms.problem import DType, Feature, Kind, Problem, TimeUnit
@@ -57,8 +63,9 @@ class InvalidRecord(ValueError):
 
   def __init__(self, errors: list[FieldError]):
     self.errors = errors
+    # reprlib: a value may be huge or nested thousands of levels deep.
     super().__init__('; '.join(
-        f'{e.field}={e.value!r}: {e.reason}' for e in errors))
+        f'{e.field}={reprlib.repr(e.value)}: {e.reason}' for e in errors))
 
   def to_dicts(self) -> list[dict[str, Any]]:
     return [e.to_dict() for e in self.errors]
@@ -79,6 +86,12 @@ class Record(NamedTuple):
 
 
 _MISSING = object()
+# The largest float32 (serving feeds the model float32 tensors).
+_FLOAT32_MAX = 3.4028234663852886e38
+_INT64_MIN, _INT64_MAX = -2**63, 2**63 - 1
+# Event times the whole stack can hold: 1970-01-01 .. 9999-12-31.
+_MAX_EVENT_SECONDS = 253402300799
+MAX_EVENT_ID_CHARS = 1024
 
 
 def _is_missing(value: Any) -> bool:
@@ -95,19 +108,28 @@ def _check_domain(feature: Feature, number: float) -> None:
     raise ValueError(f'out of domain [{low_text}, {high_text}]')
 
 
+def _check_text(value: str) -> str:
+  try:
+    value.encode('utf-8')
+  except UnicodeEncodeError:
+    raise ValueError('not valid Unicode (a lone surrogate)') from None
+  return value
+
+
 def _coerce(problem: Problem, feature: Feature, value: Any,
             from_text: bool) -> Any:
   """Converts one present raw value; raises ValueError(reason)."""
   if feature.dtype is DType.STRING:
     if not from_text and not isinstance(value, str):
       raise ValueError(f'expected a string, got {type(value).__name__}')
-    return value
+    return _check_text(value)
   if (feature.kind is Kind.EVENT_TIME
       and problem.event_time.unit is TimeUnit.FORMAT):
     if not isinstance(value, str):
       raise ValueError(f'expected a date-time string, got '
                        f'{type(value).__name__}')
-    return problem.event_time.parse_text(value)
+    return _check_event_time(problem, problem.event_time.parse_text(
+        _check_text(value)))
   if isinstance(value, bool):
     raise ValueError('expected a number, got bool')
   if from_text:
@@ -118,17 +140,34 @@ def _coerce(problem: Problem, feature: Feature, value: Any,
   else:
     if not isinstance(value, (int, float)):
       raise ValueError(f'expected a number, got {type(value).__name__}')
-    number = float(value)
+    try:
+      number = float(value)
+    except OverflowError:  # an int of hundreds of digits
+      raise ValueError('out of range') from None
   if not math.isfinite(number):
     raise ValueError('not a finite number')
   if feature.dtype is DType.FLOAT:
+    if abs(number) > _FLOAT32_MAX:
+      raise ValueError('out of range (float32)')
     _check_domain(feature, number)
-    return number
+    return _check_event_time(problem, number, feature)
   if number != int(number):
     raise ValueError('not an integer')
-  integer = int(number)
+  integer = value if isinstance(value, int) else int(number)
+  if not _INT64_MIN <= integer <= _INT64_MAX:
+    raise ValueError('out of range (int64)')
   _check_domain(feature, integer)
-  return integer
+  return _check_event_time(problem, integer, feature)
+
+
+def _check_event_time(problem: Problem, value: Any,
+                      feature: Optional[Feature] = None) -> Any:
+  if feature is not None and feature.kind is not Kind.EVENT_TIME:
+    return value
+  seconds = problem.event_time.seconds(value)
+  if not 0 <= seconds <= _MAX_EVENT_SECONDS:
+    raise ValueError('not a plausible event time (outside 1970-9999)')
+  return value
 
 
 def _check_class(problem: Problem, feature: Feature, value: Any) -> None:
@@ -167,8 +206,22 @@ def _parse(problem: Problem, raw: Mapping[str, Any], from_text: bool,
   event_id = None
   if problem.event_id is not None:
     given = raw.get(problem.event_id)
-    event_id = None if _is_missing(given) else str(given)
+    if not _is_missing(given):
+      event_id = _event_id(problem.event_id, given)
   return Record(values, tuple(missing), event_id)
+
+
+def _event_id(field: str, given: Any) -> str:
+  if isinstance(given, bool) or not isinstance(given, (str, int, float)):
+    reason = f'expected a string or number, got {type(given).__name__}'
+  elif isinstance(given, str) and len(given) > MAX_EVENT_ID_CHARS:
+    reason = f'longer than {MAX_EVENT_ID_CHARS} characters'
+  else:
+    try:
+      return _check_text(str(given))
+    except ValueError as e:  # a lone surrogate, or an int of 5,000 digits
+      reason = str(e)
+  raise InvalidRecord([FieldError(field, given, reason)])
 
 
 def parse_csv_row(problem: Problem, row: Mapping[str, str],
@@ -194,6 +247,9 @@ def parse_json_bytes(problem: Problem, payload: bytes,
     event = json.loads(payload)
   except (UnicodeDecodeError, ValueError) as e:
     raise InvalidRecord([FieldError('*', None, f'not JSON: {e}')]) from None
+  except RecursionError:
+    raise InvalidRecord([FieldError('*', None,
+                                    'not JSON: nested too deeply')]) from None
   return parse_json(problem, event, require_label=require_label)
 
 

@@ -15,8 +15,8 @@ project, ``transforms.decode`` decodes the records):
 * ``partitions``: the partitions and offsets of a read; offset commits.
 * ``read_partitions``: the splittable DoFn reading a partition.
 * ``reader``: ``ReadFromKafka``; delivery guarantees.
-* ``writer``: ``WriteToKafka``.
-* ``dead_letters``: ``dead_letter``, ``WriteDeadLetters``.
+* ``writer``: ``WriteToKafka`` (and its ``Unwritable`` output).
+* ``dead_letters``: ``dead_letter``, ``original_bytes``, ``WriteDeadLetters``.
 
 Example::
 
@@ -31,7 +31,8 @@ Example::
 
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 
-from transforms.kafka_io.dead_letters import WriteDeadLetters, dead_letter
+from transforms.kafka_io.dead_letters import (WriteDeadLetters, dead_letter,
+                                              original_bytes)
 from transforms.kafka_io.event_time import (EventTimeFn, JsonFieldEventTime,
                                             event_time_fn, kafka_timestamp)
 from transforms.kafka_io.options import KafkaOptions, bootstrap_servers
@@ -40,11 +41,12 @@ from transforms.kafka_io.reader import ReadFromKafka
 from transforms.kafka_io.record import METRICS_NAMESPACE, KafkaRecord
 from transforms.kafka_io.watermarks import (PartitionWatermarkEstimator,
                                             PeerWatermarks, WatermarkPolicy)
-from transforms.kafka_io.writer import WriteToKafka
+from transforms.kafka_io.writer import Unwritable, WriteToKafka
 
 __all__ = [
     'JsonFieldEventTime', 'KafkaRecord',
     'PartitionWatermarkEstimator', 'PeerWatermarks', 'ReadFromKafka',
+    'Unwritable', 'original_bytes',
     'WatermarkPolicy', 'WriteDeadLetters', 'WriteToKafka', 'bootstrap_servers',
     'dead_letter', 'event_time_fn', 'kafka_timestamp',
     'resolve_partitions',

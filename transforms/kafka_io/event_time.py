@@ -35,8 +35,8 @@ class JsonFieldEventTime:
   def __call__(self, record: KafkaRecord) -> float | None:
     try:
       value = json.loads(record.value)[self.field]
-    except (TypeError, ValueError, KeyError, IndexError):
-      return None
+    except Exception:  # pylint: disable=broad-except
+      return None  # not JSON, nested too deeply, no such field...
     if isinstance(value, bool) or not isinstance(value, (int, float)):
       return None
     return value * self.unit_seconds
@@ -60,5 +60,18 @@ def event_time_fn(event_time: Union[str, EventTimeFn]) -> EventTimeFn:
 
 
 def _valid_event_seconds(seconds: Any) -> bool:
-  return (isinstance(seconds, (int, float)) and math.isfinite(seconds) and
-          0 <= seconds <= _MAX_EVENT_SECONDS)
+  # Compared without float(): an int of 400 digits has no float.
+  return (isinstance(seconds, (int, float)) and not isinstance(seconds, bool)
+          and not (isinstance(seconds, float) and math.isnan(seconds))
+          and 0 <= seconds <= _MAX_EVENT_SECONDS)
+
+
+def safe_event_seconds(event_time: EventTimeFn, record: KafkaRecord
+                       ) -> Optional[float]:
+  """``event_time(record)`` if it is a usable time, else None: no record
+  and no user function can fail the read."""
+  try:
+    seconds = event_time(record)
+  except Exception:  # pylint: disable=broad-except
+    return None
+  return float(seconds) if _valid_event_seconds(seconds) else None

@@ -66,3 +66,7 @@ class KafkaOptions(PipelineOptions):
                         '(security_protocol, sasl_*, ssl_*...).')
     parser.add_argument('--producer_config', type=json.loads, default={},
                         help='JSON of extra kafka-python producer settings.')
+    parser.add_argument('--give_up_s', type=float, default=600.0,
+                        help='Seconds the Kafka source and sinks wait out an '
+                        'unreachable broker (reconnecting, with a log line) '
+                        'before they fail with an error.')

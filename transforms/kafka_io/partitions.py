@@ -17,6 +17,8 @@ from typing import Any, Mapping, Optional
 
 from apache_beam.io.restriction_trackers import OffsetRestrictionTracker
 
+from transforms.kafka_io.clients import (CLIENT_DEFAULTS, DEFAULT_GIVE_UP_S,
+                                         with_retry)
 from transforms.kafka_io.watermarks import PeerWatermarks, WatermarkPolicy
 
 # Restriction end of an unbounded partition: offsets never get near it.
@@ -45,6 +47,7 @@ class _ReadConfig:
   consumer_config: Mapping[str, Any]
   metrics_namespace: str
   reader_id: str  # unique per ReadFromKafka: keys its PeerWatermarks
+  give_up_s: float = DEFAULT_GIVE_UP_S
 
   @property
   def commits(self) -> bool:
@@ -56,21 +59,27 @@ class _ReadConfig:
             self.stop_timestamp_ms is not None)
 
   def consumer(self, defaults: Optional[Mapping[str, Any]] = None,
-               **overrides) -> Any:
+               retry: bool = True, **overrides) -> Any:
     """A kafka-python consumer that never joins a group or auto-commits.
 
-    Precedence: ``overrides`` > ``consumer_config`` > ``defaults``.
+    Precedence: ``overrides`` > ``consumer_config`` > ``defaults``. With
+    ``retry``, an unreachable broker is waited for (``give_up_s``); without,
+    the (retriable) Kafka error is raised at once.
     """
     from kafka import KafkaConsumer
     config = {
         'bootstrap_servers': self.bootstrap_servers,
         'enable_auto_commit': False,
         'client_id': 'rtml-beam-reader',
+        **CLIENT_DEFAULTS,
     }
     config.update(defaults or {})
     config.update(self.consumer_config)
     config.update(overrides)
-    return KafkaConsumer(**config)
+    if not retry:
+      return KafkaConsumer(**config)
+    return with_retry(lambda: KafkaConsumer(**config), self.give_up_s,
+                      f'consumer {config["client_id"]}')
 
 
 def _per_partition(value: Any, tp: tuple[str, int]) -> Optional[int]:
@@ -85,8 +94,15 @@ def resolve_partitions(config: _ReadConfig) -> list[tuple[str, int, int, int]]:
   """(topic, partition, start offset, stop offset) for every partition.
 
   Runs once at pipeline launch (in the ``DiscoverPartitions`` step). The
-  stop offset is ``UNBOUNDED_STOP`` for an unbounded read.
+  stop offset is ``UNBOUNDED_STOP`` for an unbounded read. An unreachable
+  broker is waited for, up to ``config.give_up_s``.
   """
+  return with_retry(lambda: _resolve_partitions(config), config.give_up_s,
+                    'discovering partitions')
+
+
+def _resolve_partitions(config: _ReadConfig
+                        ) -> list[tuple[str, int, int, int]]:
   from kafka import TopicPartition
   consumer = config.consumer(group_id=config.group_id,
                              client_id='rtml-beam-discovery')
@@ -207,9 +223,18 @@ class _OffsetCommitter:
         return False
       if self._consumer is None:
         self._consumer = self._config.consumer(
+            retry=False,  # a failed commit is retried by a later one
             group_id=self._config.group_id, client_id='rtml-beam-committer')
-      self._consumer.commit({
-          TopicPartition(topic, partition): OffsetAndMetadata(offset, '', -1)})
+      try:
+        self._consumer.commit({TopicPartition(topic, partition):
+                               OffsetAndMetadata(offset, '', -1)},
+                              timeout_ms=10_000)
+      except Exception:
+        # E.g. the broker is down: start afresh next time (a later commit
+        # carries this offset or a newer one).
+        self._consumer.close(autocommit=False)
+        self._consumer = None
+        raise
       self._committed[(topic, partition)] = offset
       return True
 

@@ -25,9 +25,10 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import Duration
 from apache_beam.utils.windowed_value import WindowedValue
 
-from transforms.kafka_io.event_time import (_MAX_EVENT_MS,
-                                            _valid_event_seconds,
-                                            event_time_fn, kafka_timestamp)
+from transforms.kafka_io.clients import is_retriable
+from transforms.kafka_io.event_time import (_MAX_EVENT_MS, event_time_fn,
+                                            kafka_timestamp,
+                                            safe_event_seconds)
 from transforms.kafka_io.partitions import (UNBOUNDED_STOP, _OffsetCommitter,
                                             _PartitionOffsetTracker, _peers,
                                             _ReadConfig)
@@ -62,6 +63,9 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider,
     self._fallbacks = Metrics.counter(ns, 'event_time_fallback')
     self._future = Metrics.counter(ns, 'event_time_in_future')
     self._commit_failures = Metrics.counter(ns, 'offset_commit_failures')
+    self._unreachable = Metrics.counter(ns, 'broker_unreachable')
+    self._resets = Metrics.counter(ns, 'offsets_reset')
+    self._outage_since: dict[tuple[str, int], float] = {}
     self._consumers: dict[tuple[str, int], Any] = {}
     self._leftovers: dict[tuple[str, int], list] = {}
 
@@ -95,6 +99,7 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider,
   def setup(self):
     self._consumers = {}
     self._leftovers = {}
+    self._outage_since = {}
 
   def teardown(self):
     self._leftovers = {}
@@ -113,9 +118,10 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider,
     consumer = self._consumers.get((topic, partition))
     if consumer is None:
       if len(self._consumers) >= self.MAX_CONSUMERS:
-        _, oldest = self._consumers.popitem()
-        oldest.close(autocommit=False)
+        oldest = next(iter(self._consumers))  # dicts keep insertion order
+        self._drop_consumer(oldest)
       consumer = self._config.consumer(
+          retry=False,  # an outage is waited out by checkpointing (_read)
           # kafka-python sleeps retry_backoff_ms whenever a poll finds
           # nothing in flight (e.g. the first polls of a new consumer).
           defaults={'retry_backoff_ms': 20},
@@ -127,6 +133,15 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider,
     elif consumer.position(tp) != offset:
       consumer.seek(tp, offset)
     return consumer
+
+  def _drop_consumer(self, partition: tuple[str, int]) -> None:
+    consumer = self._consumers.pop(partition, None)
+    self._leftovers.pop(partition, None)
+    if consumer is not None:
+      try:
+        consumer.close(autocommit=False)
+      except Exception:  # pylint: disable=broad-except
+        pass
 
   def process(self, element, tracker=beam.DoFn.RestrictionParam(),
               watermark=beam.DoFn.WatermarkEstimatorParam()):
@@ -146,6 +161,15 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider,
     progress = _ReadProgress(next_offset=restriction.start)
     try:
       yield from self._poll(topic, partition, tracker, watermark, progress)
+      self._outage_since.pop((topic, partition), None)
+    except Exception as e:  # pylint: disable=broad-except
+      if not is_retriable(e):
+        raise
+      # The broker is unreachable (or the partition has no leader): wait it
+      # out. Everything claimed was emitted, so checkpointing here skips
+      # nothing; the watermark is left alone.
+      self._on_outage(topic, partition, e)
+      tracker.defer_remainder(Duration.of(1.0))
     finally:
       self._records.inc(progress.emitted)
       if progress.fallbacks:
@@ -184,11 +208,20 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider,
       if not batch:
         position = consumer.position(tp)
         high = consumer.highwater(tp)
-        watermark.on_empty_poll(high is not None and position >= high)
+        # Idle only if the log end is known *now*: while the leader is
+        # unreachable the last highwater is stale, and an idle watermark
+        # would jump to the wall clock and turn the backlog late.
+        watermark.on_empty_poll(high is not None and position >= high and
+                                _leader_reachable(consumer, tp))
         tracker.defer_remainder(Duration.of(config.resume_delay_s))
         return
       watermark.begin_batch()
       for i, msg in enumerate(batch):
+        if msg.offset < progress.next_offset:
+          # The consumer reset to an earlier offset (the topic was
+          # recreated): those offsets were read already.
+          self._resets.inc()
+          continue
         if not tracker.try_claim(msg.offset):
           return
         record = _new_record((msg.topic, msg.partition, msg.offset, msg.key,
@@ -196,8 +229,8 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider,
         if kafka_time and 0 <= msg.timestamp <= _MAX_EVENT_MS:
           seconds = msg.timestamp / 1000.0  # the common case, inlined
         else:
-          seconds = event_time(record)
-          if not _valid_event_seconds(seconds):
+          seconds = safe_event_seconds(event_time, record)
+          if seconds is None:
             progress.fallbacks += 1
             seconds = (msg.timestamp / 1000.0
                        if 0 <= msg.timestamp <= _MAX_EVENT_MS else time.time())
@@ -216,6 +249,19 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider,
           return
       batch = None
 
+  def _on_outage(self, topic: str, partition: int, error: Exception) -> None:
+    self._unreachable.inc()
+    self._drop_consumer((topic, partition))
+    now = time.monotonic()
+    since = self._outage_since.setdefault((topic, partition), now)
+    if now - since > self._config.give_up_s:
+      raise RuntimeError(
+          f'Kafka partition {topic}-{partition}: broker unreachable for '
+          f'{now - since:.0f}s (more than give_up_s='
+          f'{self._config.give_up_s:.0f}); last error: {error!r}') from error
+    _LOGGER.warning('Kafka partition %s-%d: broker unreachable for %.0fs '
+                    '(%r); retrying', topic, partition, now - since, error)
+
   def _take_leftover(self, topic: str, partition: int, start: int) -> list:
     """Records fetched but not emitted before a checkpoint, if they are the
     next ones of this restriction."""
@@ -231,6 +277,17 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider,
       self._commit_failures.inc()
       _LOGGER.warning('Committing offset %d of %s-%d failed: %s', offset,
                       topic, partition, e)
+
+
+def _leader_reachable(consumer: Any, tp: Any) -> bool:
+  """Whether the consumer is connected to the partition's leader (True when
+  the client cannot tell: kafka-python internals)."""
+  try:
+    client = consumer._client  # pylint: disable=protected-access
+    leader = client.cluster.leader_for_partition(tp)
+    return leader is not None and leader >= 0 and client.connected(leader)
+  except Exception:  # pylint: disable=broad-except
+    return True
 
 
 class _ReadUnboundedPartitionsFn(_ReadPartitionsFn):

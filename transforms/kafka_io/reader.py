@@ -26,6 +26,13 @@ offsets are committed, so keep the sink in the same fused stage as the read
 (as ``WriteToKafka`` and the dead-letter path do) when the runner's state is
 not durable. Offsets are committed with the simple (generation-less) commit
 API, so do not share the group id with subscribing consumers.
+
+Broker outages: discovery waits for the broker; a partition whose broker
+is unreachable checkpoints and is retried (log line, ``broker_unreachable``
+metric) without advancing its watermark, for up to ``give_up_s``; nothing is
+claimed that was not emitted, so nothing is skipped. Offsets that go out of
+range (topic recreated, retention) reset to the earliest offset; records
+below what was already read are skipped and counted (``offsets_reset``).
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import apache_beam as beam
 
+from transforms.kafka_io.clients import DEFAULT_GIVE_UP_S
 from transforms.kafka_io.event_time import EventTimeFn
 from transforms.kafka_io.partitions import (_peers, _ReadConfig,
                                             resolve_partitions)
@@ -90,6 +98,8 @@ class ReadFromKafka(beam.PTransform):
     max_poll_records: records per poll.
     consumer_config: extra kafka-python consumer settings (security...).
     decode: optional ``KafkaRecord -> value`` applied to every record.
+    give_up_s: how long an unreachable broker is waited out (reconnecting,
+      with log lines, the watermark held) before the read fails.
   """
 
   def __init__(
@@ -113,7 +123,8 @@ class ReadFromKafka(beam.PTransform):
       checkpoint_interval_s: float = 2.0,
       max_poll_records: int = 1000,
       consumer_config: Optional[Mapping[str, Any]] = None,
-      decode: Optional[Callable[[KafkaRecord], Any]] = None):
+      decode: Optional[Callable[[KafkaRecord], Any]] = None,
+      give_up_s: float = DEFAULT_GIVE_UP_S):
     super().__init__()
     if isinstance(topics, str):
       topics = [topics]
@@ -145,7 +156,8 @@ class ReadFromKafka(beam.PTransform):
         max_poll_records=max_poll_records,
         consumer_config=dict(consumer_config or {}),
         metrics_namespace=METRICS_NAMESPACE,
-        reader_id=uuid.uuid4().hex)
+        reader_id=uuid.uuid4().hex,
+        give_up_s=give_up_s)
     self._decode = decode
 
   def expand(self, pbegin):

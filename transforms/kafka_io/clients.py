@@ -1,0 +1,50 @@
+"""How the Kafka clients of the connector ride out an unreachable broker.
+
+Every client (source, sink, offset commits, partition discovery) reconnects
+quickly once a broker is back (``CLIENT_DEFAULTS``: kafka-python's own
+backoff grows to 30 s) and retries a failed connection with a log line per
+attempt (``with_retry``) for up to ``give_up_s`` seconds, then fails with an
+error that says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, TypeVar
+
+_LOGGER = logging.getLogger(__name__)
+
+CLIENT_DEFAULTS = {'reconnect_backoff_ms': 100,
+                   'reconnect_backoff_max_ms': 2000}
+# Long enough for a broker restart or a leader election; a pipeline flag
+# (``--give_up_s``) sets it.
+DEFAULT_GIVE_UP_S = 600.0
+
+T = TypeVar('T')
+
+
+def is_retriable(error: BaseException) -> bool:
+  """A Kafka error that may go away by itself (broker down, no leader...)."""
+  from kafka.errors import KafkaError
+  return isinstance(error, KafkaError) and bool(error.retriable)
+
+
+def with_retry(connect: Callable[[], T], give_up_s: float, what: str) -> T:
+  """``connect()``, retried while it fails with a retriable Kafka error
+  (e.g. 'Unable to bootstrap'), for up to ``give_up_s``."""
+  deadline = time.monotonic() + give_up_s
+  delay = 0.5
+  while True:
+    try:
+      return connect()
+    except Exception as e:  # pylint: disable=broad-except
+      if not is_retriable(e):
+        raise
+      if time.monotonic() + delay > deadline:
+        raise RuntimeError(f'{what}: no Kafka broker answered within '
+                           f'{give_up_s:.0f}s ({e!r})') from e
+      _LOGGER.warning('%s: Kafka broker unreachable (%r); retrying in %.1fs',
+                      what, e, delay)
+      time.sleep(delay)
+      delay = min(delay * 2, 10.0)
