@@ -53,6 +53,18 @@ def kafka_topic(kafka_bootstrap: str,
   return make
 
 
+@pytest.fixture(scope='session')
+def taxi_model(tmp_path_factory) -> str:
+  """The model root (``<integer>/`` versions) of a taxi model trained once
+  per session (1 epoch) on the shipped data. Read-only: copy it to add
+  versions."""
+  from pipelines import train
+  out = str(tmp_path_factory.mktemp('taxi-model'))
+  train.run(['--input', 'data/taxi_trips.csv', '--output_dir', out,
+             '--epochs', '1'])
+  return os.path.join(out, 'model')
+
+
 def pytest_sessionfinish(session, exitstatus):
   """Beam stops its Prism servers at interpreter exit with a WARNING each
   ("Really destroying service"); they would print after pytest's summary."""
@@ -64,6 +76,6 @@ def pytest_collection_modifyitems(config, items):
   """A test that uses the broker is an integration test (`make test-unit`
   leaves it out)."""
   for item in items:
-    if {'kafka_bootstrap', 'kafka_topic', 'bootstrap'} & set(
+    if {'kafka_bootstrap', 'kafka_topic', 'bootstrap', 'taxi_model'} & set(
         getattr(item, 'fixturenames', ())):
       item.add_marker(pytest.mark.integration)

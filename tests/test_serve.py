@@ -13,6 +13,7 @@ version, equal to batch predictions of that SavedModel on the same raw rows.
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 import uuid
@@ -67,10 +68,10 @@ class RejectedVersions(logging.Handler):
 
 
 @pytest.fixture(scope='module')
-def scenario(tmp_path_factory, kafka_bootstrap):
-  out = str(tmp_path_factory.mktemp('serve'))
-  train.run(['--input', 'data/taxi_trips.csv', '--output_dir', out,
-             '--epochs', '1'])
+def scenario(tmp_path_factory, kafka_bootstrap, taxi_model):
+  # The session's trained model, copied: this test adds versions.
+  out = str(tmp_path_factory.mktemp('serve') / 'train')
+  shutil.copytree(os.path.dirname(taxi_model), out)
   model_root = os.path.join(out, 'model')
   suffix = uuid.uuid4().hex[:8]
   topics = {name: f'{name}-{suffix}'

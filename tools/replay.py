@@ -44,6 +44,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, TextIO
 
 from transforms import problem as problem_lib
 from transforms import records
+from transforms.kafka_io import clients
 from transforms.problem import Problem
 
 EVENT_ID_KEY = 'event_id'
@@ -142,8 +143,12 @@ def replay(problem: Problem, events: Iterable[tuple[str, Mapping[str, Any]]],
            topic: str,
            bootstrap_servers: str, rate: Optional[float] = None,
            producer_config: Optional[Mapping[str, Any]] = None,
-           progress: Optional[TextIO] = None) -> int:
+           progress: Optional[TextIO] = None,
+           give_up_s: float = clients.DEFAULT_GIVE_UP_S) -> int:
   """Produces events to ``topic``; returns how many were acknowledged.
+
+  A broker outage is waited out: unacknowledged events are retried by the
+  producer, and the wait is reported every few seconds on ``progress``.
 
   Args:
     problem: the events' problem (their event time).
@@ -154,9 +159,10 @@ def replay(problem: Problem, events: Iterable[tuple[str, Mapping[str, Any]]],
       after a stall); None sends as fast as the producer allows.
     producer_config: extra kafka-python producer settings (security...).
     progress: a stream (sys.stderr) for the progress line and summary.
+    give_up_s: how long an unreachable broker is waited for.
 
   Raises:
-    RuntimeError: if any event was not acknowledged by the broker.
+    RuntimeError: if any event was not acknowledged within ``give_up_s``.
   """
   from kafka import KafkaProducer
   events = list(events)
@@ -167,10 +173,15 @@ def replay(problem: Problem, events: Iterable[tuple[str, Mapping[str, Any]]],
       'linger_ms': 20,
       'batch_size': 256 * 1024,
       'client_id': 'rtml-replay',
+      **clients.CLIENT_DEFAULTS,
+      'delivery_timeout_ms': int(give_up_s * 1000),
+      'max_block_ms': int(give_up_s * 1000),
   }
   config.update(producer_config or {})
-  producer = KafkaProducer(**config)
+  producer = clients.with_retry(lambda: KafkaProducer(**config), give_up_s,
+                                'replay')
   errors: list[BaseException] = []
+  acked = [0]
   bar = _Progress(len(events), progress)
   start = time.monotonic()
   try:
@@ -179,26 +190,44 @@ def replay(problem: Problem, events: Iterable[tuple[str, Mapping[str, Any]]],
         ahead = start + i / rate - time.monotonic()
         if ahead > 0:
           time.sleep(ahead)
-      producer.send(
+      future = producer.send(
           topic, key=eid.encode('utf-8'),
           value=json.dumps(event, separators=(',', ':')).encode('utf-8'),
-          timestamp_ms=event_time_ms(problem, event)
-      ).add_errback(errors.append)
+          timestamp_ms=event_time_ms(problem, event))
+      future.add_errback(errors.append)
+      future.add_callback(lambda _: acked.__setitem__(0, acked[0] + 1))
       bar.update(i + 1)
-    producer.flush()
+    _wait_for_acks(producer, acked, len(events), give_up_s, progress, errors)
   finally:
-    producer.close()
+    producer.close(timeout=10)
   elapsed = time.monotonic() - start
   bar.update(len(events), force=True)
   bar.close()
-  if errors:
-    raise RuntimeError(f'{len(errors)} of {len(events)} events were not '
-                       f'acknowledged; first error: {errors[0]!r}')
+  if errors or acked[0] < len(events):
+    raise RuntimeError(f'{len(events) - acked[0]} of {len(events)} events '
+                       f'were not acknowledged within {give_up_s:.0f}s; '
+                       f'first error: {errors[0] if errors else None!r}')
   if progress is not None:
     progress.write(f'[replay] {len(events)} events to {topic!r} in '
                    f'{elapsed:.1f}s: {len(events) / max(elapsed, 1e-9):,.0f} '
                    'events/s\n')
   return len(events)
+
+
+def _wait_for_acks(producer: Any, acked: list, total: int, give_up_s: float,
+                   progress: Optional[TextIO], errors: list) -> None:
+  """Flushes, saying every 5 s how many events still wait for the broker."""
+  from kafka.errors import KafkaTimeoutError
+  deadline = time.monotonic() + give_up_s
+  while acked[0] < total and time.monotonic() < deadline and not errors:
+    try:
+      producer.flush(timeout=5)
+    except KafkaTimeoutError:
+      pass
+    if acked[0] < total and progress is not None:
+      progress.write(f'[replay] waiting for the broker: {total - acked[0]} '
+                     f'events not acknowledged yet\n')
+      progress.flush()
 
 
 def default_bootstrap_servers() -> Optional[str]:

@@ -354,12 +354,17 @@ class KafkaBroker:
         text += ''.join(tail)
     return text
 
-  def stop(self, timeout_s: float = 30.0) -> None:
-    """SIGTERM (controlled shutdown), then SIGKILL after ``timeout_s``."""
+  def stop(self, timeout_s: float = 30.0, keep_data: bool = False) -> None:
+    """SIGTERM (controlled shutdown), then SIGKILL after ``timeout_s``.
+
+    With ``keep_data``, ``start()`` brings the same broker back on the same
+    address with its topics and offsets (fault tests); otherwise a
+    temporary data directory is deleted.
+    """
     if self._proc is not None:
       stop_process(self._proc.pid, timeout_s, popen=self._proc)
       self._proc = None
-    if self._temporary:
+    if self._temporary and not keep_data:
       shutil.rmtree(self.data_dir, ignore_errors=True)
 
   def create_topic(self, name: str, partitions: int = 1,
@@ -469,13 +474,21 @@ def up(data_dir: str | os.PathLike | None = None, port: int | None = None,
 
 
 def down(timeout_s: float = 30.0) -> dict[str, Any] | None:
-  """Stops the background broker (data is kept); returns its last state."""
+  """Stops the background broker; returns its last state.
+
+  The data and the address are kept: the next ``up`` starts the same broker
+  on the same ports, so running clients reconnect to it.
+  """
   state = _read_state()
   if state is None:
     return None
   if _is_our_broker(state):
     stop_process(state['pid'], timeout_s)
-  STATE_FILE.unlink(missing_ok=True)
+  stopped = dict(state, pid=None,
+                 stopped=time.strftime('%Y-%m-%dT%H:%M:%S%z'))
+  tmp = STATE_FILE.with_suffix('.tmp')
+  tmp.write_text(json.dumps(stopped, indent=2) + '\n')
+  tmp.replace(STATE_FILE)
   return state
 
 
