@@ -13,9 +13,10 @@ direct      ``--runner=DirectRunner`` and nothing else (Beam's own local
             runner; in Beam 2.77 it tries Prism first and falls back to the
             Python engine when Prism cannot be fetched or does not support a
             transform)
-prism       ``--runner=PrismRunner --prism_location=<cached binary>
+prism       ``--runner=PrismRunner --prism_location=<cached launcher>
             --environment_type=LOOPBACK``; the binary is built once with
-            ``go install`` at the Beam pin (``runners.prism``)
+            ``go install`` at the Beam pin, and started by a launcher that
+            stops it when this process dies (``runners.prism``)
 flink       ``--runner=FlinkRunner --flink_version=1.19
             --flink_master=[local] --environment_type=LOOPBACK
             --flink_job_server_jar=<cached launcher jar>``: Beam's Flink job
@@ -111,10 +112,13 @@ def _direct(argv: list[str]) -> list[str]:
 
 
 def _prism(argv: list[str]) -> list[str]:
+  from runners import prism
   argv = set_flag(argv, 'runner', 'PrismRunner')
   if not has_flag(argv, 'prism_location'):
-    from runners import prism
-    argv = set_flag(argv, 'prism_location', prism.ensure_binary())
+    # Dies with this process (a killed pipeline leaves no Prism behind).
+    argv = set_flag(argv, 'prism_location', prism.tied_launcher())
+  # The LOOPBACK workers run in this process (see runners.prism).
+  prism.tolerate_finalize_without_callbacks()
   if 'disable_prism_server_singleton' not in ' '.join(argv):
     # Beam shares one Prism job server per process. In Beam 2.77 a
     # DirectRunner run first tries Prism *without* our binary (a download,

@@ -11,6 +11,25 @@ installed ``apache_beam`` (pinned in ``setup.py``) into
 
 The first build downloads ~200 modules and compiles for about 4 minutes on two
 cores; every later call is a file check.
+
+Two fixes for running Prism from Python, applied by ``runners.options`` for
+``--runner prism``:
+
+* ``tied_launcher()``: Beam starts Prism as a child process and stops it when
+  the pipeline's process exits normally; a process that is killed left Prism
+  running (one was found 34 minutes later). The launcher script starts Prism
+  and stops it within a second of its parent's death, whatever the cause.
+* ``tolerate_finalize_without_callbacks()``: Prism 2.77 sends a
+  ``FinalizeBundle`` for *every* bundle of a stage holding a DoFn that may
+  request finalization (the Kafka reader's commit), ignoring the
+  ``requires_finalization`` of the bundle's response; this includes the
+  splittable DoFn's pair-with-restriction stage, which never finalizes. The
+  Python SDK worker answers those with ``RuntimeError: Bundle is not in a
+  finalizable state`` and a traceback (Prism ignores the error, so offsets
+  were committed all along). The Java SDK harness answers a finalization
+  with no callbacks with an empty response; this makes the Python worker in
+  our process do the same. Bundles that registered callbacks are finalized
+  exactly as before.
 """
 
 from __future__ import annotations
@@ -118,6 +137,66 @@ def ensure_binary(quiet: bool = False) -> str:
       os.replace(os.path.join(gobin, 'prism'), target)
     say(f'built {target} in {time.monotonic() - started:.0f}s')
   return str(target)
+
+
+_LAUNCHER = """#!/bin/sh
+# Prism, stopped when the process that launched it dies (even by SIGKILL).
+# Written by runners/prism.py; Beam runs it as --prism_location.
+parent=$PPID
+"{binary}" "$@" &
+child=$!
+trap 'kill -TERM $child 2>/dev/null; wait $child; exit' TERM INT HUP
+while kill -0 $child 2>/dev/null; do
+  if ! kill -0 $parent 2>/dev/null; then
+    kill -TERM $child 2>/dev/null
+    break
+  fi
+  sleep 1 &
+  wait $!
+done
+wait $child
+"""
+
+
+def tied_launcher(quiet: bool = False) -> str:
+  """A launcher for the Prism binary that dies with its parent (see module
+  doc); built and written next to the binary on first use."""
+  binary = ensure_binary(quiet)
+  path = pathlib.Path(binary).with_name('prism-tied')
+  text = _LAUNCHER.format(binary=binary)
+  if not path.is_file() or path.read_text() != text:
+    tmp = path.with_suffix('.tmp')
+    tmp.write_text(text)
+    tmp.chmod(0o755)
+    os.replace(tmp, path)
+  return str(path)
+
+
+def tolerate_finalize_without_callbacks() -> None:
+  """Makes this process's Python SDK worker answer a ``FinalizeBundle`` for a
+  bundle that registered no finalization with an empty response, as the
+  Java SDK harness does (see module doc). Idempotent."""
+  from apache_beam.portability.api import beam_fn_api_pb2
+  from apache_beam.runners.worker import sdk_worker
+  original = sdk_worker.SdkWorker.finalize_bundle
+  if getattr(original, 'rtml_tolerant', False):
+    return
+
+  def finalize_bundle(self, request, instruction_id):
+    try:
+      processor = self.bundle_processor_cache.lookup(request.instruction_id)
+    except RuntimeError:  # failed or unknown: the original reports it
+      processor = True
+    if processor is None:
+      # Processed without requesting finalization and released: nothing
+      # to finalize.
+      return beam_fn_api_pb2.InstructionResponse(
+          instruction_id=instruction_id,
+          finalize_bundle=beam_fn_api_pb2.FinalizeBundleResponse())
+    return original(self, request, instruction_id)
+
+  finalize_bundle.rtml_tolerant = True
+  sdk_worker.SdkWorker.finalize_bundle = finalize_bundle
 
 
 def main() -> None:

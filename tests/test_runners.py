@@ -19,6 +19,7 @@ import csv
 import glob
 import json
 import os
+import time
 import pathlib
 import uuid
 import zipfile
@@ -81,9 +82,50 @@ def test_prism_adds_the_cached_binary_and_loopback():
   assert options.view_as(StandardOptions).runner == 'PrismRunner'
   assert options.view_as(StandardOptions).streaming
   location = options.view_as(PrismRunnerOptions).prism_location
-  assert location == str(prism.binary_path())
+  assert location == prism.tied_launcher()
+  assert str(prism.binary_path()) in open(location).read()
   assert os.access(location, os.X_OK)
   assert options.view_as(PortableOptions).environment_type == 'LOOPBACK'
+
+
+def test_prism_dies_with_the_process_that_launched_it(tmp_path):
+  """A pipeline process killed with SIGKILL leaves no Prism behind."""
+  import signal
+  import subprocess
+  import sys
+  from runners.kafka import free_port
+  port = free_port()
+  # A parent that starts the launcher (as Beam does) and prints Prism's pid.
+  parent = subprocess.Popen([sys.executable, '-c', (
+      'import subprocess, sys, time\n'
+      f'p = subprocess.Popen([{prism.tied_launcher()!r}, "--job_port", '
+      f'"{port}", "--serve_http=false"])\n'
+      'print(p.pid, flush=True)\n'
+      'time.sleep(600)\n')], stdout=subprocess.PIPE, text=True)
+  launcher = int(parent.stdout.readline())
+  deadline = time.monotonic() + 30
+  children = []
+  while not children and time.monotonic() < deadline:
+    children = subprocess.run(['pgrep', '-P', str(launcher)],
+                              capture_output=True, text=True).stdout.split()
+    children = [c for c in children if 'prism' in open(
+        f'/proc/{c}/cmdline', 'rb').read().decode(errors='replace')]
+    time.sleep(0.05)
+  assert children, 'Prism did not start'
+  prism_pid = int(children[0])
+  os.kill(parent.pid, signal.SIGKILL)
+  parent.wait()
+  deadline = time.monotonic() + 10
+  while os.path.exists(f'/proc/{prism_pid}') and time.monotonic() < deadline:
+    with open(f'/proc/{prism_pid}/stat') as f:
+      if f.read().split(')')[-1].split()[0] == 'Z':
+        break  # a zombie: exited, waiting to be reaped
+    time.sleep(0.1)
+  alive = os.path.exists(f'/proc/{prism_pid}')
+  if alive:
+    with open(f'/proc/{prism_pid}/stat') as f:
+      alive = f.read().split(')')[-1].split()[0] != 'Z'
+  assert not alive, 'Prism outlived the process that launched it'
 
 
 def test_prism_keeps_the_users_flags():
