@@ -51,6 +51,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.options.pipeline_options import StandardOptions
 
+from runners import jobs
 from runners import options as runner_options
 from transforms import csv_io
 from transforms import decode
@@ -287,7 +288,7 @@ def run(argv: Optional[list[str]] = None):
   else:
     write_kafka(problem, outputs, dead_letters, opts)
   result = pipeline.run()
-  result.wait_until_finish()
+  jobs.wait(result)  # not wait_until_finish: see runners.jobs
   return result
 
 

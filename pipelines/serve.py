@@ -59,6 +59,7 @@ from apache_beam.options.pipeline_options import StandardOptions
 from apache_beam.options.pipeline_options import TestOptions
 
 from models import serving
+from runners import jobs
 from runners import options as runner_options
 from transforms import decode
 from transforms import kafka_io
@@ -366,10 +367,9 @@ def run(argv: Optional[list[str]] = None):
   argv = sys.argv[1:] if argv is None else argv
   run_seconds = ServeOptions(argv).view_as(ServeOptions).run_seconds
   result = start(argv)
-  if run_seconds is None:
-    result.wait_until_finish()
-  else:
-    result.wait_until_finish(duration=int(run_seconds * 1000))
+  # Not wait_until_finish: see runners.jobs.
+  jobs.wait(result, run_seconds)
+  if run_seconds is not None:
     result.cancel()
   return result
 

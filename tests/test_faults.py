@@ -13,7 +13,10 @@ broker and the default runner (Prism).
 from __future__ import annotations
 
 import collections
-import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -203,3 +206,40 @@ def test_kafka_down_up_keeps_the_address(tmp_path, monkeypatch):
     consumer.close()
   finally:
     kafka_runner.down()
+
+
+def test_serve_outlives_the_runner_state_stream_deadline(
+    kafka_bootstrap, kafka_topic, taxi_model, tmp_path):
+  """Beam opens Prism's job-state stream with a deadline of
+  --job_server_timeout (300 s by default); when it passed, the job used to
+  die with it. Here the deadline is 10 s and the job keeps serving."""
+  events_topic = kafka_topic(suffix='events')
+  output = kafka_topic(suffix='predictions')
+  events = replay.load_events(TAXI, 'data/taxi_trips.csv', split='eval',
+                              limit=100)
+  log = open(tmp_path / 'serve.log', 'w')
+  job = subprocess.Popen(
+      [sys.executable, '-m', 'pipelines.serve',
+       '--bootstrap_servers', kafka_bootstrap, '--input_topic', events_topic,
+       '--output_topic', output, '--model_dir', taxi_model,
+       '--group_id', events_topic, '--runner', 'prism',
+       '--job_server_timeout', '10', '--run_seconds', '60'],
+      stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+  started = time.monotonic()
+  predictions = TopicReader(kafka_bootstrap, output)
+  try:
+    replay.replay(TAXI, events[:50], events_topic, kafka_bootstrap)
+    predictions.until(50, 120)
+    while time.monotonic() - started < 15:  # the deadline has passed
+      time.sleep(0.5)
+    replay.replay(TAXI, events[50:], events_topic, kafka_bootstrap)
+    predictions.until(len(events), 120)
+    code = job.wait(timeout=180)  # --run_seconds, then a clean exit
+  finally:
+    if job.poll() is None:
+      os.killpg(job.pid, signal.SIGKILL)
+    predictions.close()
+    log.close()
+  assert code == 0, (tmp_path / 'serve.log').read_text()[-3000:]
+  assert {p['event_id'] for p in predictions.items} == {
+      eid for eid, _ in events}
