@@ -279,11 +279,19 @@ def build(pipeline: beam.Pipeline, opts: ServeOptions,
   bootstrap = kafka_io.bootstrap_servers(opts)
   kafka = opts.view_as(kafka_io.KafkaOptions)
   names = topics(problem, kafka)
+  group_id = kafka.group_id or DEFAULT_GROUP_ID
+  exactly_once = kafka.delivery == kafka_io.EXACTLY_ONCE
+  if exactly_once and opts.max_batch_duration_secs:
+    raise SystemExit(
+        'pipelines.serve: --delivery exactly_once needs the read and the '
+        'write in one fused stage; --max_batch_duration_secs batches with '
+        'state (a shuffle). Drop one of them.')
   events = (
       pipeline
       | 'ReadEvents' >> kafka_io.ReadFromKafka(
-          bootstrap, names['input'],
-          group_id=kafka.group_id or DEFAULT_GROUP_ID,
+          bootstrap, names['input'], group_id=group_id,
+          # Exactly-once: the output transactions commit the offsets.
+          commit_offsets=not exactly_once, give_up_s=kafka.give_up_s,
           auto_offset_reset=kafka.start, event_time=decode.event_time(problem),
           watermark=kafka_io.WatermarkPolicy(
               max_out_of_orderness_s=(kafka.max_out_of_orderness or
@@ -300,14 +308,36 @@ def build(pipeline: beam.Pipeline, opts: ServeOptions,
                 # A Dataflow --dry_run builds the graph without touching the
                 # (remote) model directory.
                 check_model=not opts.view_as(TestOptions).dry_run))
+  decode_failures = events.dead_letters | 'KeyDeadLetters' >> beam.Map(
+      lambda d: (f"{d['topic']}-{d['partition']}-{d['offset']}", d))
+  if exactly_once:
+    dead_letters = ((decode_failures, scored['failures'])
+                    | 'MergeDeadLetters' >> beam.Flatten())
+    _ = (
+        (scored['predictions'] | 'PredictionOutputs' >> beam.Map(
+            lambda kv, topic: kafka_io.Output(
+                topic, kv[0], kv[1], (kv[1]['source']['topic'],
+                                      kv[1]['source']['partition'],
+                                      kv[1]['source']['offset'])),
+            names['output']),
+         dead_letters | 'DeadLetterOutputs' >> beam.Map(
+             lambda kv, topic: kafka_io.Output(
+                 topic, kv[0], kv[1], (kv[1]['topic'], kv[1]['partition'],
+                                       kv[1]['offset'])),
+             names['dead_letters']))
+        | 'MergeOutputs' >> beam.Flatten()
+        | 'WriteTransactionally' >> kafka_io.WriteTransactionally(
+            bootstrap, group_id, names['dead_letters'],
+            producer_config=kafka.producer_config,
+            give_up_s=kafka.give_up_s))
+    return {'predictions': scored['predictions'],
+            'dead_letters': dead_letters}
   unwritable = scored['predictions'] | 'WritePredictions' >> (
       kafka_io.WriteToKafka(bootstrap, names['output'],
                             producer_config=kafka.producer_config,
                             event_timestamps=False, give_up_s=kafka.give_up_s))
   dead_letters = (
-      (events.dead_letters
-       | 'KeyDeadLetters' >> beam.Map(
-           lambda d: (f"{d['topic']}-{d['partition']}-{d['offset']}", d)),
+      (decode_failures,
        scored['failures'],
        unwritable | 'UnwritableToDeadLetters' >> beam.Map(
            _unwritable_dead_letter, names['output']))

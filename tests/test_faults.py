@@ -13,6 +13,7 @@ broker and the default runner (Prism).
 from __future__ import annotations
 
 import collections
+import json
 import os
 import signal
 import subprocess
@@ -243,3 +244,95 @@ def test_serve_outlives_the_runner_state_stream_deadline(
   assert code == 0, (tmp_path / 'serve.log').read_text()[-3000:]
   assert {p['event_id'] for p in predictions.items} == {
       eid for eid, _ in events}
+
+
+def _serve(kafka_bootstrap, names, model_root, log, *extra):
+  """``python -m pipelines.serve`` in its own process group."""
+  return subprocess.Popen(
+      [sys.executable, '-m', 'pipelines.serve',
+       '--bootstrap_servers', kafka_bootstrap,
+       '--input_topic', names['events'], '--output_topic', names['output'],
+       '--dead_letter_topic', names['dlq'], '--model_dir', model_root,
+       '--group_id', names['events'], '--runner', 'prism', *extra],
+      stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _prism_children(pid: int) -> list[int]:
+  """Prism processes in the process group ``pid`` leads."""
+  found = []
+  for entry in os.listdir('/proc'):
+    if not entry.isdigit():
+      continue
+    try:
+      with open(f'/proc/{entry}/stat') as f:
+        fields = f.read().split(')')[-1].split()
+      with open(f'/proc/{entry}/cmdline', 'rb') as f:
+        cmdline = f.read()
+    except OSError:
+      continue
+    if int(fields[2]) == pid and fields[0] != 'Z' and b'prism' in cmdline:
+      found.append(int(entry))
+  return found
+
+
+@pytest.mark.parametrize('delivery', ['at_least_once', 'exactly_once'])
+def test_serve_killed_mid_stream_and_restarted_loses_nothing(
+    kafka_bootstrap, kafka_topic, taxi_model, tmp_path, delivery):
+  """SIGKILL to serving's whole process group while events flow, then a
+  restart with the same group: every event is predicted; duplicates are
+  counted (at-least-once) or none (exactly-once, read_committed)."""
+  names = {'events': kafka_topic(partitions=2, suffix='events'),
+           'output': kafka_topic(suffix='predictions'),
+           'dlq': kafka_topic(suffix='dlq')}
+  events = replay.load_events(TAXI, 'data/taxi_trips.csv', split='eval',
+                              limit=600)
+  extra = ['--delivery', delivery,
+           # A killed job's open transaction is aborted after this.
+           '--producer_config', json.dumps({'transaction_timeout_ms': 10000})
+           if delivery == 'exactly_once' else '{}']
+  log = open(tmp_path / 'serve.log', 'w')
+  predictions = TopicReader(kafka_bootstrap, names['output'],
+                            isolation_level='read_committed')
+  dead = TopicReader(kafka_bootstrap, names['dlq'],
+                     isolation_level='read_committed')
+  job = _serve(kafka_bootstrap, names, taxi_model, log, *extra)
+  # A few bad messages among the events: dead letters are outputs too.
+  bad = [m for m in poison.messages(TAXI, events[:5], 5, seed=SEED)
+         if not m.good]
+  _send(kafka_bootstrap, names['events'], bad)
+  flowing = threading.Thread(target=replay.replay, args=(
+      TAXI, events, names['events'], kafka_bootstrap), kwargs={'rate': 15})
+  try:
+    flowing.start()
+    predictions.until(150, 300)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    assert len(predictions.items) < len(events)  # killed mid-stream
+    job = _serve(kafka_bootstrap, names, taxi_model, log, *extra)
+    flowing.join(timeout=120)
+    predictions.until(len(events), 300)
+    predictions.until(10**9, 15)  # duplicates, if any, keep coming
+    dead.until(10**9, 5)
+    running = job.poll() is None
+  finally:
+    leftover = _prism_children(job.pid)
+    if job.poll() is None:
+      os.killpg(job.pid, signal.SIGKILL)
+      job.wait()
+    predictions.close()
+    dead.close()
+    log.close()
+  got = collections.Counter(p['event_id'] for p in predictions.items)
+  letters = collections.Counter((d['partition'], d['offset'])
+                                for d in dead.items)
+  lost = {eid for eid, _ in events} - set(got)
+  duplicates = sum(got.values()) - len(got)
+  print(f'serve SIGKILL ({delivery}): {len(got)} of {len(events)} events '
+        f'predicted, {len(lost)} lost, {duplicates} duplicates')
+  assert running, (tmp_path / 'serve.log').read_text()[-3000:]
+  assert not lost
+  assert leftover, 'the restarted job runs on Prism'
+  assert len(letters) == len(bad)
+  if delivery == 'exactly_once':
+    assert duplicates == 0
+    assert sum(letters.values()) == len(bad)

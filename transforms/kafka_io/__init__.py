@@ -15,7 +15,9 @@ project, ``transforms.decode`` decodes the records):
 * ``partitions``: the partitions and offsets of a read; offset commits.
 * ``read_partitions``: the splittable DoFn reading a partition.
 * ``reader``: ``ReadFromKafka``; delivery guarantees.
+* ``clients``: how clients wait out an unreachable broker.
 * ``writer``: ``WriteToKafka`` (and its ``Unwritable`` output).
+* ``transactions``: ``WriteTransactionally`` (exactly-once).
 * ``dead_letters``: ``dead_letter``, ``original_bytes``, ``WriteDeadLetters``.
 
 Example::
@@ -35,18 +37,21 @@ from transforms.kafka_io.dead_letters import (WriteDeadLetters, dead_letter,
                                               original_bytes)
 from transforms.kafka_io.event_time import (EventTimeFn, JsonFieldEventTime,
                                             event_time_fn, kafka_timestamp)
-from transforms.kafka_io.options import KafkaOptions, bootstrap_servers
+from transforms.kafka_io.options import (AT_LEAST_ONCE, EXACTLY_ONCE,
+                                         KafkaOptions, bootstrap_servers)
 from transforms.kafka_io.partitions import UNBOUNDED_STOP, resolve_partitions
 from transforms.kafka_io.reader import ReadFromKafka
 from transforms.kafka_io.record import METRICS_NAMESPACE, KafkaRecord
 from transforms.kafka_io.watermarks import (PartitionWatermarkEstimator,
                                             PeerWatermarks, WatermarkPolicy)
+from transforms.kafka_io.transactions import Output, WriteTransactionally
 from transforms.kafka_io.writer import Unwritable, WriteToKafka
 
 __all__ = [
     'JsonFieldEventTime', 'KafkaRecord',
     'PartitionWatermarkEstimator', 'PeerWatermarks', 'ReadFromKafka',
-    'Unwritable', 'original_bytes',
+    'Unwritable', 'original_bytes', 'Output', 'WriteTransactionally',
+    'AT_LEAST_ONCE', 'EXACTLY_ONCE',
     'WatermarkPolicy', 'WriteDeadLetters', 'WriteToKafka', 'bootstrap_servers',
     'dead_letter', 'event_time_fn', 'kafka_timestamp',
     'resolve_partitions',

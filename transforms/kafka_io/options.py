@@ -16,6 +16,8 @@ from apache_beam.options.pipeline_options import (KafkaStreamsRunnerOptions,
                                                   PipelineOptions)
 
 _BEAM_DEFAULT_BOOTSTRAP = 'localhost:9092'
+AT_LEAST_ONCE = 'at_least_once'
+EXACTLY_ONCE = 'exactly_once'
 
 
 def bootstrap_servers(options: PipelineOptions) -> str:
@@ -66,6 +68,13 @@ class KafkaOptions(PipelineOptions):
                         '(security_protocol, sasl_*, ssl_*...).')
     parser.add_argument('--producer_config', type=json.loads, default={},
                         help='JSON of extra kafka-python producer settings.')
+    parser.add_argument('--delivery', choices=[AT_LEAST_ONCE, EXACTLY_ONCE],
+                        default=AT_LEAST_ONCE,
+                        help='at_least_once: outputs are flushed, then '
+                        'offsets committed (a restart may repeat some); '
+                        'exactly_once: outputs and offsets are committed in '
+                        'one Kafka transaction per bundle (read the outputs '
+                        'with isolation_level=read_committed).')
     parser.add_argument('--give_up_s', type=float, default=600.0,
                         help='Seconds the Kafka source and sinks wait out an '
                         'unreachable broker (reconnecting, with a log line) '
