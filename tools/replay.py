@@ -166,17 +166,9 @@ def replay(problem: Problem, events: Iterable[tuple[str, Mapping[str, Any]]],
   """
   from kafka import KafkaProducer
   events = list(events)
-  config = {
-      'bootstrap_servers': bootstrap_servers,
-      'acks': 'all',
-      'enable_idempotence': True,
-      'linger_ms': 20,
-      'batch_size': 256 * 1024,
-      'client_id': 'rtml-replay',
-      **clients.CLIENT_DEFAULTS,
-      'delivery_timeout_ms': int(give_up_s * 1000),
-      'max_block_ms': int(give_up_s * 1000),
-  }
+  config = clients.producer_config(bootstrap_servers, 'rtml-replay',
+                                   give_up_s)
+  config['linger_ms'] = 20
   config.update(producer_config or {})
   producer = clients.with_retry(lambda: KafkaProducer(**config), give_up_s,
                                 'replay')

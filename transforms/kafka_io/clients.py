@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -22,6 +22,23 @@ CLIENT_DEFAULTS = {'reconnect_backoff_ms': 100,
 DEFAULT_GIVE_UP_S = 600.0
 
 T = TypeVar('T')
+
+
+def producer_config(bootstrap_servers: str, client_id: str,
+                    give_up_s: float = DEFAULT_GIVE_UP_S) -> dict[str, Any]:
+  """The project's producer settings: idempotent, ``acks='all'``, waiting
+  out an outage shorter than ``give_up_s`` (kafka-python names)."""
+  return {
+      'bootstrap_servers': bootstrap_servers,
+      'acks': 'all',
+      'enable_idempotence': True,
+      'linger_ms': 5,
+      'batch_size': 256 * 1024,
+      'client_id': client_id,
+      **CLIENT_DEFAULTS,
+      'delivery_timeout_ms': int(give_up_s * 1000),
+      'max_block_ms': int(give_up_s * 1000),
+  }
 
 
 def is_retriable(error: BaseException) -> bool:

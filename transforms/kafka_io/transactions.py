@@ -35,7 +35,7 @@ from typing import Any, Mapping, NamedTuple, Optional
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from transforms.kafka_io.clients import (CLIENT_DEFAULTS, DEFAULT_GIVE_UP_S,
+from transforms.kafka_io.clients import (DEFAULT_GIVE_UP_S, producer_config,
                                          with_retry)
 from transforms.kafka_io.record import METRICS_NAMESPACE
 from transforms.kafka_io.writer import _to_bytes
@@ -74,20 +74,12 @@ class _TransactionalWriteFn(beam.DoFn):
 
   def setup(self):
     from kafka import KafkaProducer
-    config = {
-        'bootstrap_servers': self._bootstrap_servers,
-        'acks': 'all',
-        'enable_idempotence': True,
-        'linger_ms': 5,
-        'batch_size': 256 * 1024,
-        'client_id': 'rtml-beam-transactional-writer',
-        **CLIENT_DEFAULTS,
-        # One id per writer instance: a killed job's open transaction is
-        # aborted by the broker after transaction_timeout_ms.
-        'transactional_id': f'rtml-{self._group_id}-{uuid.uuid4().hex}',
-        'delivery_timeout_ms': int(self._give_up_s * 1000),
-        'max_block_ms': int(self._give_up_s * 1000),
-    }
+    config = producer_config(self._bootstrap_servers,
+                             'rtml-beam-transactional-writer',
+                             self._give_up_s)
+    # One id per writer instance: a killed job's open transaction is
+    # aborted by the broker after transaction_timeout_ms.
+    config['transactional_id'] = f'rtml-{self._group_id}-{uuid.uuid4().hex}'
     config.update(self._producer_config)
     self._producer = with_retry(lambda: KafkaProducer(**config),
                                 self._give_up_s, 'transactional producer')

@@ -25,7 +25,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.utils.windowed_value import WindowedValue
 
-from transforms.kafka_io.clients import (CLIENT_DEFAULTS, DEFAULT_GIVE_UP_S,
+from transforms.kafka_io.clients import (DEFAULT_GIVE_UP_S, producer_config,
                                          with_retry)
 from transforms.kafka_io.event_time import _valid_event_seconds
 from transforms.kafka_io.record import METRICS_NAMESPACE
@@ -109,18 +109,8 @@ class _WriteFn(beam.DoFn):
 
   def _connect(self):
     from kafka import KafkaProducer
-    config = {
-        'bootstrap_servers': self._bootstrap_servers,
-        'acks': 'all',
-        'enable_idempotence': True,
-        'linger_ms': 5,
-        'batch_size': 256 * 1024,
-        'client_id': 'rtml-beam-writer',
-        **CLIENT_DEFAULTS,
-        # An outage shorter than this is waited out by the producer itself.
-        'delivery_timeout_ms': int(self._give_up_s * 1000),
-        'max_block_ms': int(self._give_up_s * 1000),
-    }
+    config = producer_config(self._bootstrap_servers, 'rtml-beam-writer',
+                             self._give_up_s)
     config.update(self._producer_config)
     self._producer = with_retry(
         lambda: KafkaProducer(**config), self._give_up_s,
