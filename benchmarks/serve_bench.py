@@ -2,6 +2,12 @@
 
     python benchmarks/serve_bench.py [--runners prism] [--events 15000]
         [--rate 1000] [--seconds 15] [--model_dir OUT/model]
+    python benchmarks/serve_bench.py --runners prism,prism:exactly_once
+
+A runner may carry a delivery mode after a colon (``prism:exactly_once``):
+its predictions are then read with ``read_committed`` and its latency ends
+when the reader received them (a transactional record is appended before
+its transaction commits).
 
 For each runner, and for a hand-written baseline (kafka-python consumer →
 the same parsing → the same SavedModel with the same batch size →
@@ -32,7 +38,7 @@ import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from runners import demo  # noqa: E402
+from tools import demo  # noqa: E402
 from runners import kafka as kafka_runner  # noqa: E402
 from transforms import problem as problem_lib
 
@@ -64,9 +70,9 @@ def _events(n):
           enumerate(base[i % len(base)] for i in range(n))]
 
 
-def _measure(bootstrap, topic, n, timeout_s):
+def _measure(bootstrap, topic, n, timeout_s, read_committed=False):
   got = demo.collect(bootstrap, topic, n, timeout_s, 'predictions',
-                     progress=sys.stderr)
+                     progress=sys.stderr, read_committed=read_committed)
   appended = sorted(t for t, _ in got)
   latency = [t - p['source']['timestamp_ms'] for t, p in got]
   return got, appended, latency
@@ -142,7 +148,9 @@ def _start_job(kind, bootstrap, topics, model_root, runner):
     baseline.ready.wait(60)
     return baseline.stop
   from pipelines import serve
+  runner, _, delivery = runner.partition(':')
   result = serve.start([
+      '--delivery', delivery or 'at_least_once',
       '--bootstrap_servers', bootstrap, '--input_topic', topics['in'],
       '--output_topic', topics['out'], '--dead_letter_topic', topics['dlq'],
       '--model_dir', model_root, '--group_id', f'bench-{uuid.uuid4().hex[:6]}',
@@ -154,6 +162,7 @@ def _start_job(kind, bootstrap, topics, model_root, runner):
 def _bench(kind, bootstrap, model_root, args, runner=None):
   from tools import replay
   out = {}
+  committed = (runner or '').endswith(':exactly_once')
   # Saturation: fill the topic, then start the job and let it drain.
   topics = _topics(bootstrap)
   events = _events(args.events)
@@ -161,7 +170,8 @@ def _bench(kind, bootstrap, model_root, args, runner=None):
   _log(f'{kind}: draining {len(events)} queued events')
   stop = _start_job(kind, bootstrap, topics, model_root, runner)
   try:
-    got, appended, _ = _measure(bootstrap, topics['out'], len(events), 600)
+    got, appended, _ = _measure(bootstrap, topics['out'], len(events), 600,
+                                committed)
   finally:
     stop()
   out['saturation_events_per_s'] = _throughput(appended)
@@ -174,10 +184,11 @@ def _bench(kind, bootstrap, model_root, args, runner=None):
     warmup = _events(200)
     replay.replay(TAXI, warmup, topics['in'], bootstrap)
     demo.collect(bootstrap, topics['out'], len(warmup), 180, 'warm-up',
-                 progress=sys.stderr)
+                 progress=sys.stderr, read_committed=committed)
     _log(f'{kind}: {n} events at {args.rate}/s')
     replay.replay(TAXI, _events(n), topics['in'], bootstrap, rate=args.rate)
-    got, _, latency = _measure(bootstrap, topics['out'], len(warmup) + n, 300)
+    got, _, latency = _measure(bootstrap, topics['out'], len(warmup) + n, 300,
+                               committed)
   finally:
     stop()
   latency = latency[len(warmup):]

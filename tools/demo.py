@@ -47,20 +47,29 @@ def percentiles(values: list[float], points=(50, 95, 99)) -> dict[str, float]:
 
 
 def collect(bootstrap: str, topic: str, expected: int, timeout_s: float,
-            label: str, progress: TextIO = sys.stdout
+            label: str, progress: TextIO = sys.stdout,
+            read_committed: bool = False
             ) -> list[tuple[int, dict[str, Any]]]:
-  """(append time ms, JSON value) of the first ``expected`` messages."""
+  """(append time ms, JSON value) of the first ``expected`` messages.
+
+  With ``read_committed`` (output of an exactly-once job) only committed
+  messages are read, and the time is when this reader received them: a
+  transactional record is appended before its transaction commits.
+  """
   from kafka import KafkaConsumer
-  consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap,
-                           auto_offset_reset='earliest',
-                           consumer_timeout_ms=500)
+  consumer = KafkaConsumer(
+      topic, bootstrap_servers=bootstrap, auto_offset_reset='earliest',
+      consumer_timeout_ms=500,
+      isolation_level='read_committed' if read_committed
+      else 'read_uncommitted')
   got: list[tuple[int, dict[str, Any]]] = []
   deadline = time.monotonic() + timeout_s
   last_print = 0.0
   try:
     while len(got) < expected and time.monotonic() < deadline:
       for message in consumer:
-        got.append((message.timestamp, json.loads(message.value)))
+        got.append((int(time.time() * 1000) if read_committed
+                    else message.timestamp, json.loads(message.value)))
       if time.monotonic() - last_print > 2:
         last_print = time.monotonic()
         print(f'[demo] {label}: {len(got)}/{expected}', file=progress,

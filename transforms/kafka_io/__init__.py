@@ -10,12 +10,12 @@ project, ``transforms.decode`` decodes the records):
 
 * ``record``: ``KafkaRecord``, ``METRICS_NAMESPACE``.
 * ``options``: ``KafkaOptions`` (the shared flags), ``bootstrap_servers``.
+* ``clients``: how clients wait out an unreachable broker.
 * ``event_time``: a record's event time.
 * ``watermarks``: per-partition watermarks (``WatermarkPolicy``).
 * ``partitions``: the partitions and offsets of a read; offset commits.
 * ``read_partitions``: the splittable DoFn reading a partition.
 * ``reader``: ``ReadFromKafka``; delivery guarantees.
-* ``clients``: how clients wait out an unreachable broker.
 * ``writer``: ``WriteToKafka`` (and its ``Unwritable`` output).
 * ``transactions``: ``WriteTransactionally`` (exactly-once).
 * ``dead_letters``: ``dead_letter``, ``original_bytes``, ``WriteDeadLetters``.
