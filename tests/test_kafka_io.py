@@ -565,3 +565,23 @@ def test_write_to_kafka_routes_records_kafka_refuses(kafka_bootstrap,
                           ('odd', 'cannot encode')]))
   got = {m.key: m.value for m in consume_all(kafka_bootstrap, small, 1)}
   assert got == {b'ok': b'small'}
+
+
+def test_secrets_are_references_resolved_where_the_client_is_made(
+    tmp_path, monkeypatch):
+  from transforms.kafka_io import clients
+  secret = tmp_path / 'password'
+  secret.write_text('from-a-file\n')
+  monkeypatch.setenv('RTML_TEST_KAFKA_PASSWORD', 'from-the-env')
+  config = {'sasl_plain_username': 'rtml',
+            'sasl_plain_password': 'env:RTML_TEST_KAFKA_PASSWORD',
+            'ssl_password': f'file:{secret}', 'retries': 3}
+  assert clients.resolve_secrets(config) == {
+      'sasl_plain_username': 'rtml', 'sasl_plain_password': 'from-the-env',
+      'ssl_password': 'from-a-file', 'retries': 3}
+  assert clients.redacted({'sasl_plain_password': 'literal',
+                           'ssl_password': 'env:X', 'user': 'u'}) == {
+      'sasl_plain_password': '***', 'ssl_password': 'env:X', 'user': 'u'}
+  monkeypatch.delenv('RTML_TEST_KAFKA_PASSWORD')
+  with pytest.raises(KeyError, match='RTML_TEST_KAFKA_PASSWORD'):
+    clients.resolve_secrets(config)

@@ -622,11 +622,22 @@ def test_dataflow_job_graphs_of_train_and_serve(tmp_path, monkeypatch):
   serve.start(DATAFLOW + [
       '--dry_run', '--dataflow_job_file', str(tmp_path / 'serve.json'),
       '--job_name', 'rtml-serve', '--bootstrap_servers', 'broker:9092',
-      '--model_dir', 'gs://rtml-test/out/model'])
-  job = json.loads((tmp_path / 'serve.json').read_text())
+      '--model_dir', 'gs://rtml-test/out/model',
+      '--consumer_config', json.dumps({
+          'security_protocol': 'SASL_SSL', 'sasl_mechanism': 'SCRAM-SHA-512',
+          'sasl_plain_username': 'rtml',
+          'sasl_plain_password': 'hunter2-literal'}),
+      '--producer_config', json.dumps({
+          'sasl_plain_password': 'env:KAFKA_PASSWORD'})])
+  text = (tmp_path / 'serve.json').read_text()
+  assert 'hunter2-literal' not in text  # a literal secret is redacted
+  job = json.loads(text)
   assert job['type'] == 'JOB_TYPE_STREAMING'
-  assert job['environment']['sdkPipelineOptions']['options'][
-      'bootstrap_servers'] == 'broker:9092'
+  options = job['environment']['sdkPipelineOptions']['options']
+  assert options['bootstrap_servers'] == 'broker:9092'
+  assert options['consumer_config']['sasl_plain_password'] == '***'
+  assert options['producer_config']['sasl_plain_password'] == (
+      'env:KAFKA_PASSWORD')  # a reference is resolved on the workers
   names = _graph_names(results[-1])
   assert {'ReadEvents', 'ParseEvents', 'AttachContext', 'Predict',
           'Predict/RunInference', 'WritePredictions', 'MergeDeadLetters',

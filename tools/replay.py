@@ -170,6 +170,7 @@ def replay(problem: Problem, events: Iterable[tuple[str, Mapping[str, Any]]],
                                    give_up_s)
   config['linger_ms'] = 20
   config.update(producer_config or {})
+  config = clients.resolve_secrets(config)
   producer = clients.with_retry(lambda: KafkaProducer(**config), give_up_s,
                                 'replay')
   errors: list[BaseException] = []

@@ -29,7 +29,8 @@ import hashlib
 import json
 import logging
 import os
-from typing import Any
+import re
+from typing import Any, Optional
 
 from apache_beam.options.pipeline_options import (DebugOptions,
                                                   GoogleCloudOptions,
@@ -87,8 +88,17 @@ class OfflineDataflowRunner(DataflowRunner):
       raise ValueError('OfflineDataflowRunner needs --dataflow_job_file')
     pipeline_file = os.path.splitext(job_file)[0] + '.pipeline.json'
     os.makedirs(os.path.dirname(os.path.abspath(job_file)), exist_ok=True)
+    job_json, literal_secrets = _redact(json.loads(job.json()))
+    if literal_secrets:
+      # The pickled transforms in the graph carry them too: only a
+      # reference keeps a secret out of a job.
+      _LOGGER.warning(
+          'Kafka secrets given in plain text (%s): redacted in %s, but the '
+          'job graph still carries them; pass "env:NAME" or "file:/path" '
+          'instead (resolved on the workers)', ', '.join(literal_secrets),
+          job_file)
     with open(job_file, 'w') as f:
-      f.write(job.json())
+      json.dump(job_json, f, indent=2)
     from google.protobuf import json_format
     with open(pipeline_file, 'w') as f:
       f.write(json_format.MessageToJson(job.proto_pipeline))
@@ -97,6 +107,45 @@ class OfflineDataflowRunner(DataflowRunner):
     print(f'[dataflow] dry run: job {job_file}, graph {pipeline_file}',
           flush=True)
     return OfflineDataflowResult(job, job_file, pipeline_file)
+
+
+# Kafka client settings whose values are secrets (kafka-python names); the
+# same list as transforms.kafka_io.clients.SECRET_KEYS (runners import no
+# project code).
+_SECRET_KEYS = frozenset({'sasl_plain_password', 'ssl_password',
+                          'sasl_oauth_token', 'ssl_keyfile_password'})
+
+
+def _redact(value: Any, found: Optional[list] = None) -> tuple[Any, list]:
+  """``value`` with literal Kafka secrets as ``***`` (options may hold
+  them as dicts or as JSON text); the keys found."""
+  found = [] if found is None else found
+  if isinstance(value, dict):
+    out = {}
+    for key, item in value.items():
+      if key in _SECRET_KEYS and isinstance(item, str) and not item.startswith(
+          ('env:', 'file:', '***')):
+        found.append(key)
+        out[key] = '***'
+      else:
+        out[key] = _redact(item, found)[0]
+    return out, found
+  if isinstance(value, list):
+    return [_redact(item, found)[0] for item in value], found
+  if isinstance(value, str) and any(k in value for k in _SECRET_KEYS):
+    # Options appear as JSON text or as a Python repr (display data).
+    def hide(match):
+      if match.group(3).startswith(('env:', 'file:', '***')):
+        return match.group(0)
+      found.append(match.group(2))
+      return f'{match.group(1)}***{match.group(4)}'
+    return _SECRET_PATTERN.sub(hide, value), found
+  return value, found
+
+
+_SECRET_PATTERN = re.compile(
+    r"""(["'](%s)["']\s*:\s*["'])([^"']*)(["'])""" % '|'.join(
+        sorted(_SECRET_KEYS)))
 
 
 def _would_stage(proto_pipeline) -> list[str]:

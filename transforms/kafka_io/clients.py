@@ -10,8 +10,9 @@ error that says so.
 from __future__ import annotations
 
 import logging
+import os
 import time
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Mapping, TypeVar
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -22,6 +23,43 @@ CLIENT_DEFAULTS = {'reconnect_backoff_ms': 100,
 DEFAULT_GIVE_UP_S = 600.0
 
 T = TypeVar('T')
+
+# Settings whose values are secrets: never written in plain text to job
+# files or logs (see ``resolve_secrets`` and ``redacted``).
+SECRET_KEYS = frozenset({'sasl_plain_password', 'ssl_password',
+                         'sasl_oauth_token', 'ssl_keyfile_password'})
+
+
+def resolve_secrets(config: Mapping[str, Any]) -> dict[str, Any]:
+  """``config`` with secret references resolved where the client is made.
+
+  A value ``env:NAME`` is read from the environment variable ``NAME`` and
+  ``file:/path`` from that file (trailing newline stripped), so the job's
+  options and its pickled transforms carry the reference, not the secret:
+  ``--consumer_config '{"sasl_plain_password": "env:KAFKA_PASSWORD"}'``.
+  """
+  out = dict(config)
+  for key, value in config.items():
+    if not isinstance(value, str):
+      continue
+    if value.startswith('env:'):
+      name = value[4:]
+      if name not in os.environ:
+        raise KeyError(f'Kafka setting {key!r}: environment variable {name} '
+                       'is not set')
+      out[key] = os.environ[name]
+    elif value.startswith('file:'):
+      with open(value[5:]) as f:
+        out[key] = f.read().rstrip('\n')
+  return out
+
+
+def redacted(config: Mapping[str, Any]) -> dict[str, Any]:
+  """``config`` with literal secrets replaced by ``***`` (for logs and job
+  files); ``env:``/``file:`` references are kept."""
+  return {k: ('***' if k in SECRET_KEYS and isinstance(v, str) and
+              not v.startswith(('env:', 'file:')) else v)
+          for k, v in config.items()}
 
 
 def producer_config(bootstrap_servers: str, client_id: str,

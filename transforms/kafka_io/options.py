@@ -1,10 +1,12 @@
 """The Kafka flags the project's pipelines share, and their brokers.
 
-Security: ``consumer_config`` / ``producer_config`` are passed to kafka-python
-as is, e.g. ``{'security_protocol': 'SASL_SSL', 'sasl_mechanism':
-'SCRAM-SHA-512', 'sasl_plain_username': ..., 'sasl_plain_password': ...,
+Security: ``consumer_config`` / ``producer_config`` are passed to kafka-python,
+e.g. ``{'security_protocol': 'SASL_SSL', 'sasl_mechanism': 'SCRAM-SHA-512',
+'sasl_plain_username': ..., 'sasl_plain_password': 'env:KAFKA_PASSWORD',
 'ssl_cafile': '/path/ca.pem'}``. They are pickled with the pipeline: pass file
-paths, not ``ssl_context`` objects, and keep secrets out of logs.
+paths, not ``ssl_context`` objects, and give secrets as ``env:NAME`` or
+``file:/path`` references, resolved where each client is made
+(``clients.resolve_secrets``), so no job file or graph holds them.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from typing import Any, Mapping, Optional
 from apache_beam.io.restriction_trackers import OffsetRestrictionTracker
 
 from transforms.kafka_io.clients import (CLIENT_DEFAULTS, DEFAULT_GIVE_UP_S,
-                                         with_retry)
+                                         resolve_secrets, with_retry)
 from transforms.kafka_io.watermarks import PeerWatermarks, WatermarkPolicy
 
 # Restriction end of an unbounded partition: offsets never get near it.
@@ -76,6 +76,7 @@ class _ReadConfig:
     config.update(defaults or {})
     config.update(self.consumer_config)
     config.update(overrides)
+    config = resolve_secrets(config)
     if not retry:
       return KafkaConsumer(**config)
     return with_retry(lambda: KafkaConsumer(**config), self.give_up_s,

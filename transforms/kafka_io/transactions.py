@@ -36,7 +36,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from transforms.kafka_io.clients import (DEFAULT_GIVE_UP_S, producer_config,
-                                         with_retry)
+                                         resolve_secrets, with_retry)
 from transforms.kafka_io.record import METRICS_NAMESPACE
 from transforms.kafka_io.writer import _to_bytes
 
@@ -81,6 +81,7 @@ class _TransactionalWriteFn(beam.DoFn):
     # aborted by the broker after transaction_timeout_ms.
     config['transactional_id'] = f'rtml-{self._group_id}-{uuid.uuid4().hex}'
     config.update(self._producer_config)
+    config = resolve_secrets(config)
     self._producer = with_retry(lambda: KafkaProducer(**config),
                                 self._give_up_s, 'transactional producer')
     self._producer.init_transactions()

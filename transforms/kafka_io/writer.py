@@ -26,7 +26,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms.kafka_io.clients import (DEFAULT_GIVE_UP_S, producer_config,
-                                         with_retry)
+                                         resolve_secrets, with_retry)
 from transforms.kafka_io.event_time import _valid_event_seconds
 from transforms.kafka_io.record import METRICS_NAMESPACE
 
@@ -112,6 +112,7 @@ class _WriteFn(beam.DoFn):
     config = producer_config(self._bootstrap_servers, 'rtml-beam-writer',
                              self._give_up_s)
     config.update(self._producer_config)
+    config = resolve_secrets(config)
     self._producer = with_retry(
         lambda: KafkaProducer(**config), self._give_up_s,
         f'producer for {self._topic!r}')
