@@ -6,8 +6,15 @@ the Kafka timestamp), parsed and validated by the same ``transforms.records``
 code as training, and scored by Beam RunInference with
 the exported SavedModel, whose signature takes raw features and runs the
 tf.Transform graph inside. One prediction per event goes to the output topic,
-stamped with the model version. Invalid events and failed inferences go to the
-dead-letter topic with reasons; nothing is dropped.
+stamped with the model version. Every event the job cannot use, at any stage
+(decoding, validation, inference, formatting, writing), goes to the
+dead-letter topic with its original bytes and a reason; nothing is dropped
+and no event stops the job.
+
+Delivery (``--delivery``): at-least-once by default (a restart may repeat the
+last bundle's predictions); ``exactly_once`` commits each bundle's outputs and
+its input offsets in one Kafka transaction (``kafka_io.WriteTransactionally``;
+read the outputs with ``isolation_level=read_committed``).
 
 New model versions are picked up without a restart: the pipeline watches
 ``--model_dir`` for ``<integer>/`` version directories, validates each new one
@@ -43,7 +50,6 @@ timestamp of the prediction record is when it was produced.
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import sys
 import time
