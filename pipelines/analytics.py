@@ -237,16 +237,23 @@ def write_kafka(problem: Problem, outputs: dict[str, Any], dead_letters,
   streams = {'rows': rows, 'late': outputs['late']}
   if 'alerts' in outputs:
     streams['alerts'] = outputs['alerts']
+  topics['dead_letters'] = (kafka.dead_letter_topic or
+                            problem.topic('dead-letters'))
   for name, pcoll in streams.items():
     label = name.capitalize()
-    _ = (pcoll
-         | f'Key{label}' >> beam.Map(lambda r: (_key_of(r), r))
-         | f'Write{label}' >> kafka_io.WriteToKafka(
-             bootstrap, topics[name], producer_config=kafka.producer_config,
-             event_timestamps=False))
-  _ = dead_letters | 'WriteDeadLetters' >> kafka_io.WriteDeadLetters(
-      bootstrap, kafka.dead_letter_topic or problem.topic('dead-letters'),
-      producer_config=kafka.producer_config)
+    unwritable = (pcoll
+                  | f'Key{label}' >> beam.Map(lambda r: (_key_of(r), r))
+                  | f'Write{label}' >> kafka_io.WriteToKafka(
+                      bootstrap, topics[name],
+                      producer_config=kafka.producer_config,
+                      event_timestamps=False, give_up_s=kafka.give_up_s))
+    _ = unwritable | f'LogUnwritable{label}' >> beam.FlatMap(
+        kafka_io.log_unwritable, topics[name])
+  unwritable = dead_letters | 'WriteDeadLetters' >> kafka_io.WriteDeadLetters(
+      bootstrap, topics['dead_letters'], producer_config=kafka.producer_config,
+      give_up_s=kafka.give_up_s)
+  _ = unwritable | 'LogUnwritableDeadLetters' >> beam.FlatMap(
+      kafka_io.log_unwritable, topics['dead_letters'])
 
 
 def write_files(outputs: dict[str, Any], dead_letters, path: str) -> None:

@@ -351,7 +351,8 @@ def build(pipeline: beam.Pipeline, opts: ServeOptions,
   lost = dead_letters | 'WriteDeadLetters' >> kafka_io.WriteToKafka(
       bootstrap, names['dead_letters'], producer_config=kafka.producer_config,
       event_timestamps=False, give_up_s=kafka.give_up_s)
-  _ = lost | 'LogUnwritableDeadLetters' >> beam.FlatMap(_log_lost)
+  _ = lost | 'LogUnwritableDeadLetters' >> beam.FlatMap(
+      kafka_io.log_unwritable, names['dead_letters'])
   return {'predictions': scored['predictions'], 'dead_letters': dead_letters}
 
 
@@ -369,13 +370,6 @@ def _unwritable_dead_letter(unwritable: kafka_io.Unwritable, topic: str
       [{'field': '*', 'value': None,
         'reason': f'writing to {topic!r} failed: {unwritable.reason}'}],
       stage='WritePredictions')
-
-
-def _log_lost(unwritable: kafka_io.Unwritable) -> tuple[()]:
-  """The last resort: a dead letter the dead-letter topic refused."""
-  logging.error('A dead letter could not be written (%s): key %r',
-                unwritable.reason, unwritable.key)
-  return ()
 
 
 def start(argv: Optional[list[str]] = None):

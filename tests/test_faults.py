@@ -31,7 +31,6 @@ from tests import poison
 from tests.taxi import TAXI
 from tests.topics import TopicReader
 from tools import replay
-from tools import report as analytics_report
 from transforms import kafka_io
 
 pytestmark = pytest.mark.integration
@@ -112,25 +111,36 @@ def test_serve_fuzz_every_message_predicted_or_dead_lettered_once(
 
 
 def test_analytics_fuzz_every_message_in_a_window_or_dead_lettered(
-    kafka_bootstrap, kafka_topic, tmp_path, fuzz_messages):
+    kafka_bootstrap, kafka_topic, fuzz_messages):
+  """Analytics from Kafka to Kafka (stats, late and dead-letter topics)."""
   events = kafka_topic(partitions=2, suffix='events')
+  names = {name: kafka_topic(suffix=name)
+           for name in ('stats', 'late', 'alerts', 'dlq')}
   sent = _send(kafka_bootstrap, events, fuzz_messages)
-  out = tmp_path / 'out'
   # One window over all of 2013-2017 (the replayed years): nothing is late
   # by design, so every good message must land in a window.
   year = 365 * 24 * 3600
   analytics.run([
       '--bootstrap_servers', kafka_bootstrap, '--input_topic', events,
       '--bounded', '--group_id', events, '--streaming', '--runner', 'prism',
-      '--output_path', str(out), '--window', 'fixed', '--size',
-      str(50 * year), '--allowed_lateness', str(50 * year),
-      '--accumulation', 'discarding'])
-  stats = analytics_report.load_rows(str(out), 'stats')
-  late = analytics_report.load_rows(str(out), 'late')
-  dead = analytics_report.load_rows(str(out), 'dead_letters')
-  counted = sum(row['count'] for row in stats)
+      '--output_topic', names['stats'], '--late_topic', names['late'],
+      '--alerts_topic', names['alerts'], '--dead_letter_topic', names['dlq'],
+      '--window', 'fixed', '--size', str(50 * year),
+      '--allowed_lateness', str(50 * year), '--accumulation', 'discarding'])
   good = sum(1 for m, _, _ in sent if m.good)
   bad = {(p, o) for m, p, o in sent if not m.good}
+  readers = {name: TopicReader(kafka_bootstrap, topic)
+             for name, topic in names.items()}
+  try:
+    dead = readers['dlq'].until(len(bad), 60)
+    stats = readers['stats'].until(10**9, 10, done=lambda rows: sum(
+        r.get('count', 0) for r in rows if r['type'] == 'window_stats'
+    ) >= good)
+    late = readers['late'].until(10**9, 3)
+  finally:
+    for reader in readers.values():
+      reader.close()
+  counted = sum(r['count'] for r in stats if r['type'] == 'window_stats')
   assert counted + len(late) == good
   assert collections.Counter((d['partition'], d['offset']) for d in dead) == (
       collections.Counter(bad))

@@ -45,12 +45,14 @@ from transforms.kafka_io.record import METRICS_NAMESPACE, KafkaRecord
 from transforms.kafka_io.watermarks import (PartitionWatermarkEstimator,
                                             PeerWatermarks, WatermarkPolicy)
 from transforms.kafka_io.transactions import Output, WriteTransactionally
-from transforms.kafka_io.writer import Unwritable, WriteToKafka
+from transforms.kafka_io.writer import (Unwritable, WriteToKafka,
+                                        log_unwritable)
 
 __all__ = [
     'JsonFieldEventTime', 'KafkaRecord',
     'PartitionWatermarkEstimator', 'PeerWatermarks', 'ReadFromKafka',
     'Unwritable', 'original_bytes', 'Output', 'WriteTransactionally',
+    'log_unwritable',
     'AT_LEAST_ONCE', 'EXACTLY_ONCE',
     'WatermarkPolicy', 'WriteDeadLetters', 'WriteToKafka', 'bootstrap_servers',
     'dead_letter', 'event_time_fn', 'kafka_timestamp',

@@ -20,6 +20,7 @@ from typing import Any, Iterable, Mapping, Optional
 
 import apache_beam as beam
 
+from transforms.kafka_io.clients import DEFAULT_GIVE_UP_S
 from transforms.kafka_io.record import KafkaRecord
 from transforms.kafka_io.writer import WriteToKafka
 
@@ -119,13 +120,16 @@ def _safe_repr(value: Any) -> str:
 
 
 class WriteDeadLetters(beam.PTransform):
-  """Writes dead-letter dicts to a topic, keyed ``topic-partition-offset``."""
+  """Writes dead-letter dicts to a topic, keyed ``topic-partition-offset``;
+  returns the ``Unwritable`` ones (see ``WriteToKafka``)."""
 
   def __init__(self, bootstrap_servers: str, topic: str, *,
-               producer_config: Optional[Mapping[str, Any]] = None):
+               producer_config: Optional[Mapping[str, Any]] = None,
+               give_up_s: float = DEFAULT_GIVE_UP_S):
     super().__init__()
     self._write = WriteToKafka(bootstrap_servers, topic,
-                               producer_config=producer_config)
+                               producer_config=producer_config,
+                               give_up_s=give_up_s)
 
   def expand(self, dead_letters):
     return (dead_letters

@@ -41,6 +41,14 @@ class Unwritable(NamedTuple):
   reason: str
 
 
+def log_unwritable(unwritable: Unwritable, topic: str) -> tuple[()]:
+  """The last resort for an ``Unwritable`` a pipeline has nowhere to send
+  (``beam.FlatMap(log_unwritable, topic)``): an error log line."""
+  _LOGGER.error('A record for %r could not be written (%s): key %r', topic,
+                unwritable.reason, unwritable.key)
+  return ()
+
+
 def _finite(value: Any) -> Any:
   """``value`` with non-finite floats as None (JSON has no NaN)."""
   if isinstance(value, float):
