@@ -106,7 +106,7 @@ class FailedInference(NamedTuple):
   reason: str
 
 
-def check_output(problem: Problem, row: dict[str, Any]) -> Optional[str]:
+def check_output(row: dict[str, Any]) -> Optional[str]:
   """Why one event's outputs (``inference``) are unusable, or None."""
   values = row.get(export.PROBABILITIES) or [
       row.get(export.PROBABILITY, row.get(export.PREDICTION))]
@@ -341,7 +341,7 @@ class RawFeaturesModelHandler(ModelHandler[Record, PredictionResult,
     results = []
     for record, row in zip(batch, rows):
       if not isinstance(row, FailedInference):
-        reason = check_output(self._problem, row)
+        reason = check_output(row)
         if reason:
           row = FailedInference(reason)
       results.append(PredictionResult(record, row, model_id))

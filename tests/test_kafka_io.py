@@ -42,12 +42,12 @@ TAXI_CSV = os.path.join(REPO, 'data', 'taxi_trips.csv')
 # ------------------------------------------------------------------ helpers
 
 def consume_all(bootstrap: str, topic: str, expected: int | None = None,
-                timeout_s: float = 30.0) -> list[Any]:
+                timeout_s: float = 30.0, **consumer_config) -> list[Any]:
   """Every record of ``topic``: up to the end offsets, or until ``expected``
   records arrived (for topics still being written)."""
   consumer = KafkaConsumer(bootstrap_servers=bootstrap,
                            auto_offset_reset='earliest',
-                           enable_auto_commit=False)
+                           enable_auto_commit=False, **consumer_config)
   tps = [TopicPartition(topic, p)
          for p in sorted(consumer.partitions_for_topic(topic) or [])]
   consumer.assign(tps)
@@ -567,6 +567,33 @@ def test_write_to_kafka_routes_records_kafka_refuses(kafka_bootstrap,
   assert got == {b'ok': b'small'}
 
 
+def test_write_transactionally_dead_letters_what_kafka_cannot_take(
+    kafka_bootstrap, kafka_topic):
+  """Outputs and their offsets in one transaction; an output too large for
+  Kafka becomes a dead letter naming its source, in the same transaction."""
+  out, dlq, source = kafka_topic(), kafka_topic(), kafka_topic()
+  group = f'tx-{source}'
+  with beam.Pipeline(options=direct_options()) as p:
+    _ = (p
+         | 'Outputs' >> beam.Create([
+             kafka_io.Output(out, 'a', {'n': 1}, (source, 0, 4)),
+             kafka_io.Output(out, 'big', 'x' * 2_000_000, (source, 0, 5))])
+         | 'Write' >> kafka_io.WriteTransactionally(kafka_bootstrap, group, dlq))
+  got = consume_all(kafka_bootstrap, out, 1,
+                    isolation_level='read_committed')
+  assert [(m.key, m.value) for m in got] == [(b'a', b'{"n":1}')]
+  letter, = [json.loads(m.value) for m in consume_all(
+      kafka_bootstrap, dlq, 1, isolation_level='read_committed')]
+  assert (letter['topic'], letter['partition'], letter['offset']) == (
+      source, 0, 5)
+  assert letter['stage'] == 'WriteTransactionally'
+  assert letter['errors'][0]['reason'].startswith(f'writing to {out!r}')
+  consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=group,
+                           enable_auto_commit=False)
+  assert consumer.committed(TopicPartition(source, 0)) == 6
+  consumer.close()
+
+
 def test_secrets_are_references_resolved_where_the_client_is_made(
     tmp_path, monkeypatch):
   from transforms.kafka_io import clients
@@ -579,9 +606,6 @@ def test_secrets_are_references_resolved_where_the_client_is_made(
   assert clients.resolve_secrets(config) == {
       'sasl_plain_username': 'rtml', 'sasl_plain_password': 'from-the-env',
       'ssl_password': 'from-a-file', 'retries': 3}
-  assert clients.redacted({'sasl_plain_password': 'literal',
-                           'ssl_password': 'env:X', 'user': 'u'}) == {
-      'sasl_plain_password': '***', 'ssl_password': 'env:X', 'user': 'u'}
   monkeypatch.delenv('RTML_TEST_KAFKA_PASSWORD')
   with pytest.raises(KeyError, match='RTML_TEST_KAFKA_PASSWORD'):
     clients.resolve_secrets(config)

@@ -109,9 +109,7 @@ class OfflineDataflowRunner(DataflowRunner):
     return OfflineDataflowResult(job, job_file, pipeline_file)
 
 
-# Kafka client settings whose values are secrets (kafka-python names); the
-# same list as transforms.kafka_io.clients.SECRET_KEYS (runners import no
-# project code).
+# Kafka client settings whose values are secrets (kafka-python names).
 _SECRET_KEYS = frozenset({'sasl_plain_password', 'ssl_password',
                           'sasl_oauth_token', 'ssl_keyfile_password'})
 

@@ -17,8 +17,8 @@ project, ``transforms.decode`` decodes the records):
 * ``read_partitions``: the splittable DoFn reading a partition.
 * ``reader``: ``ReadFromKafka``; delivery guarantees.
 * ``writer``: ``WriteToKafka`` (and its ``Unwritable`` output).
-* ``transactions``: ``WriteTransactionally`` (exactly-once).
 * ``dead_letters``: ``dead_letter``, ``original_bytes``, ``WriteDeadLetters``.
+* ``transactions``: ``WriteTransactionally`` (exactly-once).
 
 Example::
 

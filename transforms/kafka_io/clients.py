@@ -24,11 +24,6 @@ DEFAULT_GIVE_UP_S = 600.0
 
 T = TypeVar('T')
 
-# Settings whose values are secrets: never written in plain text to job
-# files or logs (see ``resolve_secrets`` and ``redacted``).
-SECRET_KEYS = frozenset({'sasl_plain_password', 'ssl_password',
-                         'sasl_oauth_token', 'ssl_keyfile_password'})
-
 
 def resolve_secrets(config: Mapping[str, Any]) -> dict[str, Any]:
   """``config`` with secret references resolved where the client is made.
@@ -52,14 +47,6 @@ def resolve_secrets(config: Mapping[str, Any]) -> dict[str, Any]:
       with open(value[5:]) as f:
         out[key] = f.read().rstrip('\n')
   return out
-
-
-def redacted(config: Mapping[str, Any]) -> dict[str, Any]:
-  """``config`` with literal secrets replaced by ``***`` (for logs and job
-  files); ``env:``/``file:`` references are kept."""
-  return {k: ('***' if k in SECRET_KEYS and isinstance(v, str) and
-              not v.startswith(('env:', 'file:')) else v)
-          for k, v in config.items()}
 
 
 def producer_config(bootstrap_servers: str, client_id: str,

@@ -37,7 +37,8 @@ from apache_beam.metrics import Metrics
 
 from transforms.kafka_io.clients import (DEFAULT_GIVE_UP_S, producer_config,
                                          resolve_secrets, with_retry)
-from transforms.kafka_io.record import METRICS_NAMESPACE
+from transforms.kafka_io.dead_letters import dead_letter
+from transforms.kafka_io.record import METRICS_NAMESPACE, KafkaRecord
 from transforms.kafka_io.writer import _to_bytes
 
 _LOGGER = logging.getLogger(__name__)
@@ -91,24 +92,27 @@ class _TransactionalWriteFn(beam.DoFn):
     self._count = 0
     self._open = False
 
-  def _send(self, topic: str, key: Any, value: Any) -> None:
+  def _send(self, output: Output) -> None:
     from kafka.errors import MessageSizeTooLargeError
     try:
-      self._producer.send(topic, key=_to_bytes(key), value=_to_bytes(value))
+      self._producer.send(output.topic, key=_to_bytes(output.key),
+                          value=_to_bytes(output.value))
     except (MessageSizeTooLargeError, TypeError, ValueError) as e:
       self._unwritable.inc()
-      self._producer.send(self._unwritable_topic, key=_to_bytes(key),
-                          value=_to_bytes({
-                              'errors': [{'field': '*', 'value': None,
-                                          'reason': f'writing to {topic!r} '
-                                          f'failed: {type(e).__name__}: {e}'}],
-                              'stage': 'WriteTransactionally'}))
+      topic, partition, offset = output.source or (None, None, None)
+      key = _to_bytes(output.key)
+      self._producer.send(self._unwritable_topic, key=key, value=_to_bytes(
+          dead_letter(KafkaRecord(topic, partition, offset, key, None, -1),
+                      [{'field': '*', 'value': None,
+                        'reason': f'writing to {output.topic!r} failed: '
+                                  f'{type(e).__name__}: {e}'}],
+                      stage='WriteTransactionally')))
 
   def process(self, element: Output):
     if not self._open:
       self._producer.begin_transaction()
       self._open = True
-    self._send(element.topic, element.key, element.value)
+    self._send(element)
     self._count += 1
     if element.source is not None:
       topic, partition, offset = element.source
@@ -164,8 +168,8 @@ class WriteTransactionally(beam.PTransform):
   Args:
     bootstrap_servers: 'host:port[,host:port]'.
     group_id: the consumer group the read resumes from.
-    unwritable_topic: where a note goes for an output that cannot be
-      written (cannot be encoded, too large), in the same transaction.
+    unwritable_topic: where the dead letter of an output that cannot be
+      written (cannot be encoded, too large) goes, in the same transaction.
     producer_config: extra kafka-python producer settings.
     give_up_s: how long an unreachable broker is waited out.
   """

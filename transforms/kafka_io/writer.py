@@ -41,6 +41,16 @@ class Unwritable(NamedTuple):
   reason: str
 
 
+class _Sent(NamedTuple):
+  """A record sent in this bundle, and the element it came from."""
+  key: Optional[bytes]
+  value: Optional[bytes]
+  timestamp_ms: Optional[int]
+  element: Any
+  timestamp: Any  # the element's, for an Unwritable output
+  window: Any
+
+
 def log_unwritable(unwritable: Unwritable, topic: str) -> tuple[()]:
   """The last resort for an ``Unwritable`` a pipeline has nowhere to send
   (``beam.FlatMap(log_unwritable, topic)``): an error log line."""
@@ -105,8 +115,7 @@ class _WriteFn(beam.DoFn):
     self._unwritable = Metrics.counter(metrics_namespace, 'records_unwritable')
     self._resent = Metrics.counter(metrics_namespace, 'records_resent')
     self._producer = None
-    self._sent: list[tuple[Any, Any, Any]] = []  # (key, value, ts) of bundle
-    self._elements: list[tuple[Any, Any, Any]] = []  # (element, ts, window)
+    self._sent: list[_Sent] = []  # this bundle's records
     self._failed: dict[int, BaseException] = {}  # index in _sent -> error
     self._completed = 0
     self._lock = None  # created in setup(): locks do not pickle
@@ -127,14 +136,13 @@ class _WriteFn(beam.DoFn):
 
   def start_bundle(self):
     self._sent = []
-    self._elements = []
     self._failed = {}
     self._completed = 0
 
   def _send(self, index: int) -> None:
-    key, value, timestamp_ms = self._sent[index]
-    future = self._producer.send(self._topic, key=key, value=value,
-                                 timestamp_ms=timestamp_ms)
+    sent = self._sent[index]
+    future = self._producer.send(self._topic, key=sent.key, value=sent.value,
+                                 timestamp_ms=sent.timestamp_ms)
 
     def on_error(exc, index=index):
       self._failed[index] = exc  # dict assignment is atomic
@@ -156,21 +164,19 @@ class _WriteFn(beam.DoFn):
       self._connect()
     try:
       key, value = element
-      record = (_to_bytes(key), _to_bytes(value),
-                _kafka_timestamp_ms(timestamp) if self._event_timestamps
-                else None)
+      sent = _Sent(_to_bytes(key), _to_bytes(value),
+                   _kafka_timestamp_ms(timestamp) if self._event_timestamps
+                   else None, element, timestamp, window)
     except Exception as e:  # pylint: disable=broad-except
       self._unwritable.inc()
       yield beam.pvalue.TaggedOutput(self.UNWRITABLE, Unwritable(
           *_key_value(element), f'cannot encode: {type(e).__name__}: {e}'))
       return
-    self._sent.append(record)
-    self._elements.append((element, timestamp, window))
+    self._sent.append(sent)
     try:
       self._send(len(self._sent) - 1)
     except MessageSizeTooLargeError as e:
       self._sent.pop()
-      self._elements.pop()
       self._unwritable.inc()
       yield beam.pvalue.TaggedOutput(self.UNWRITABLE, Unwritable(
           *_key_value(element), f'too large for Kafka: {e}'))
@@ -213,11 +219,11 @@ class _WriteFn(beam.DoFn):
             del self._failed[index]
             refused += 1
             self._unwritable.inc()
-            element, timestamp, window = self._elements[index]
+            sent = self._sent[index]
             yield beam.pvalue.TaggedOutput(self.UNWRITABLE, WindowedValue(
-                Unwritable(*_key_value(element),
+                Unwritable(*_key_value(sent.element),
                            f'refused by Kafka: {exc!r}'),
-                timestamp, [window]))
+                sent.timestamp, [sent.window]))
         first_error = next(iter(self._failed.values()), None)
         failed, self._failed = sorted(self._failed), {}
         if not failed:
@@ -238,7 +244,6 @@ class _WriteFn(beam.DoFn):
         time.sleep(0.005)
     self._written.inc(len(self._sent) - refused)
     self._sent = []
-    self._elements = []
 
   def teardown(self):
     if self._producer is not None:
@@ -260,8 +265,10 @@ class WriteToKafka(beam.PTransform):
   Keys and values may be ``bytes``, ``str`` (UTF-8) or JSON-serializable
   objects (dicts are JSON-encoded); None stays null. The producer is
   idempotent with ``acks='all'`` and every bundle is flushed and checked in
-  ``finish_bundle``: any unacknowledged record fails the bundle (the runner
-  retries it, which may write duplicates - never drops).
+  ``finish_bundle``: an unacknowledged record is sent again until
+  ``give_up_s``, then fails the bundle (the runner retries it, which may
+  write duplicates - never drops); a record Kafka refuses for good, or that
+  cannot be encoded, comes out as ``Unwritable``.
 
   Args:
     bootstrap_servers: 'host:port[,host:port]'.
