@@ -214,6 +214,7 @@ def read_kafka_records(pipeline, problem: Problem, opts: AnalyticsOptions):
           watermark=kafka_io.WatermarkPolicy(
               max_out_of_orderness_s=(kafka.max_out_of_orderness or
                                       DEFAULT_MAX_OUT_OF_ORDERNESS)),
+          partition_discovery_s=kafka.partition_discovery_s,
           consumer_config=kafka.consumer_config)
       | 'DecodeEvents' >> decode.DecodeEvents(problem))
   return events.records, events.dead_letters

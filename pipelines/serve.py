@@ -304,6 +304,7 @@ def build(pipeline: beam.Pipeline, opts: ServeOptions,
                                       DEFAULT_MAX_OUT_OF_ORDERNESS)),
           checkpoint_interval_s=opts.bundle_secs,
           poll_timeout_s=min(1.0, opts.bundle_secs),
+          partition_discovery_s=kafka.partition_discovery_s,
           consumer_config=kafka.consumer_config)
       | 'ParseEvents' >> decode.DecodeEvents(problem, with_source=True))
   scored = (events.records

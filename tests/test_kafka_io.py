@@ -447,6 +447,45 @@ def test_windows_fire_as_the_watermark_passes_them_on_prism(
                                 200, 150, 190, 400])
 
 
+def test_partitions_added_while_running_are_read_on_prism(
+    kafka_bootstrap, kafka_topic):
+  """A topic grows from 1 to 3 partitions under a running unbounded read:
+  records in the new partitions, those produced before the read found them
+  included, are read once each."""
+  from kafka import KafkaAdminClient
+  from kafka.admin import NewPartitions
+  topic, out = kafka_topic(partitions=1), kafka_topic(suffix='out')
+  p = beam.Pipeline(options=_prism_options('--streaming'))
+  _ = (p
+       | 'ReadEvents' >> kafka_io.ReadFromKafka(
+           kafka_bootstrap, topic, partition_discovery_s=1.0,
+           poll_timeout_s=0.3, checkpoint_interval_s=0.5)
+       | 'KeyValue' >> beam.Map(
+           lambda r: (r.key, f'{r.partition}:{r.value.decode()}'.encode()))
+       | 'WriteCopy' >> kafka_io.WriteToKafka(kafka_bootstrap, out))
+  result = p.run()
+  try:
+    produce(kafka_bootstrap, topic,
+            [(f'a{i}'.encode(), b'x', 0) for i in range(5)])
+    assert len(consume_all(kafka_bootstrap, out, expected=5,
+                           timeout_s=120)) == 5
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    try:
+      admin.create_partitions({topic: NewPartitions(total_count=3)})
+    finally:
+      admin.close()
+    produce(kafka_bootstrap, topic,
+            [(f'b{i}'.encode(), b'y', 1 + i % 2) for i in range(10)])
+    copied = consume_all(kafka_bootstrap, out, expected=15, timeout_s=60)
+  finally:
+    result.cancel()
+  got = collections.Counter((m.key.decode(), m.value.decode())
+                            for m in copied)
+  assert got == collections.Counter(
+      [(f'a{i}', '0:x') for i in range(5)] +
+      [(f'b{i}', f'{1 + i % 2}:y') for i in range(10)])
+
+
 def test_restart_with_the_same_group_loses_nothing(
     kafka_bootstrap, kafka_topic, taxi_events):
   """Kill -9 a streaming copy job mid-topic; a restart resumes the group."""

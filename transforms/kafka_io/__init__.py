@@ -14,6 +14,7 @@ project, ``transforms.decode`` decodes the records):
 * ``event_time``: a record's event time.
 * ``watermarks``: per-partition watermarks (``WatermarkPolicy``).
 * ``partitions``: the partitions and offsets of a read; offset commits.
+* ``discovery``: the partitions a read covers, at launch and while running.
 * ``read_partitions``: the splittable DoFn reading a partition.
 * ``reader``: ``ReadFromKafka``; delivery guarantees.
 * ``writer``: ``WriteToKafka`` (and its ``Unwritable`` output).

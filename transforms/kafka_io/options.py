@@ -77,6 +77,9 @@ class KafkaOptions(PipelineOptions):
                         'exactly_once: outputs and offsets are committed in '
                         'one Kafka transaction per bundle (read the outputs '
                         'with isolation_level=read_committed).')
+    parser.add_argument('--partition_discovery_s', type=float, default=60.0,
+                        help='Seconds between looks for partitions added to '
+                        'the input topic while the job runs (0: never).')
     parser.add_argument('--give_up_s', type=float, default=600.0,
                         help='Seconds the Kafka source and sinks wait out an '
                         'unreachable broker (reconnecting, with a log line) '

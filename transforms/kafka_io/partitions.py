@@ -48,6 +48,13 @@ class _ReadConfig:
   metrics_namespace: str
   reader_id: str  # unique per ReadFromKafka: keys its PeerWatermarks
   give_up_s: float = DEFAULT_GIVE_UP_S
+  partition_discovery_s: Optional[float] = None
+
+  @property
+  def watches_partitions(self) -> bool:
+    """Partitions added to the topics while the read runs are read too."""
+    return (bool(self.partition_discovery_s) and not self.finite and
+            self.partitions is None)
 
   @property
   def commits(self) -> bool:
@@ -94,7 +101,8 @@ def _per_partition(value: Any, tp: tuple[str, int]) -> Optional[int]:
 def resolve_partitions(config: _ReadConfig) -> list[tuple[str, int, int, int]]:
   """(topic, partition, start offset, stop offset) for every partition.
 
-  Runs once at pipeline launch (in the ``DiscoverPartitions`` step). The
+  Runs at pipeline launch (in the ``DiscoverPartitions`` step), and for the
+  partitions a running read discovers later (``WatchPartitions``). The
   stop offset is ``UNBOUNDED_STOP`` for an unbounded read. An unreachable
   broker is waited for, up to ``config.give_up_s``.
   """
@@ -154,6 +162,20 @@ def _resolve_partitions(config: _ReadConfig
       stop = UNBOUNDED_STOP
     specs.append((tp.topic, tp.partition, start, max(start, stop)))
   return specs
+
+
+def list_partitions(config: _ReadConfig) -> set[tuple[str, int]]:
+  """The (topic, partition) pairs the brokers have now for the topics.
+
+  Asks the brokers (a new short-lived client, so the metadata is fresh);
+  a retriable Kafka error (broker unreachable) is raised at once.
+  """
+  consumer = config.consumer(retry=False, client_id='rtml-beam-discovery')
+  try:
+    return {(topic, p) for topic in config.topics
+            for p in consumer.partitions_for_topic(topic) or ()}
+  finally:
+    consumer.close()
 
 
 def _wait_for_partitions(consumer: Any, topic: str,

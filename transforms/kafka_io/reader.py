@@ -10,6 +10,11 @@ One element per (topic, partition) carries the start offset resolved at launch
 timestamp, or the end offsets at launch when ``bounded=True``); see
 ``read_partitions`` for how a partition is read.
 
+Partitions added while an unbounded read of whole topics runs are read too
+(``partition_discovery_s``; see ``discovery``)::
+
+    Impulse -> WatchPartitions (SDF) -> Reshuffle -> ReadPartitions (SDF)
+
 Delivery: with a ``group_id`` (and ``commit_offsets=True``) a restarted
 pipeline resumes from the group's committed offsets. An offset is committed
 only after the runner has committed the bundle that read the records before
@@ -37,35 +42,20 @@ below what was already read are skipped and counted (``offsets_reset``).
 
 from __future__ import annotations
 
-import logging
 import uuid
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import apache_beam as beam
 
 from transforms.kafka_io.clients import DEFAULT_GIVE_UP_S
+from transforms.kafka_io.discovery import DiscoverPartitions, WatchPartitions
 from transforms.kafka_io.event_time import EventTimeFn
-from transforms.kafka_io.partitions import (_peers, _ReadConfig,
-                                            resolve_partitions)
+from transforms.kafka_io.partitions import _ReadConfig
 from transforms.kafka_io.read_partitions import (
     _CommittingReadPartitionsFn, _CommittingReadUnboundedPartitionsFn,
     _ReadPartitionsFn, _ReadUnboundedPartitionsFn)
 from transforms.kafka_io.record import METRICS_NAMESPACE, KafkaRecord
 from transforms.kafka_io.watermarks import WatermarkPolicy
-
-_LOGGER = logging.getLogger(__name__)
-
-
-class _DiscoverPartitions(beam.DoFn):
-
-  def __init__(self, config: _ReadConfig):
-    self._config = config
-
-  def process(self, unused_impulse) -> Iterator[tuple[str, int, int, int]]:
-    specs = resolve_partitions(self._config)
-    _LOGGER.info('Reading %d Kafka partitions: %s', len(specs), specs)
-    _peers(self._config).register((t, p) for t, p, _, _ in specs)
-    yield from specs
 
 
 class ReadFromKafka(beam.PTransform):
@@ -100,6 +90,11 @@ class ReadFromKafka(beam.PTransform):
     decode: optional ``KafkaRecord -> value`` applied to every record.
     give_up_s: how long an unreachable broker is waited out (reconnecting,
       with log lines, the watermark held) before the read fails.
+    partition_discovery_s: an unbounded read of whole topics looks for new
+      partitions this often (seconds; None or 0: only those at launch, as
+      Java KafkaIO without ``withDynamicRead``). Needs a runner that resumes
+      a checkpointed splittable DoFn while the pipeline runs (Prism, Flink,
+      Dataflow), not the BundleBasedDirectRunner.
   """
 
   def __init__(
@@ -124,7 +119,8 @@ class ReadFromKafka(beam.PTransform):
       max_poll_records: int = 1000,
       consumer_config: Optional[Mapping[str, Any]] = None,
       decode: Optional[Callable[[KafkaRecord], Any]] = None,
-      give_up_s: float = DEFAULT_GIVE_UP_S):
+      give_up_s: float = DEFAULT_GIVE_UP_S,
+      partition_discovery_s: Optional[float] = None):
     super().__init__()
     if isinstance(topics, str):
       topics = [topics]
@@ -157,7 +153,8 @@ class ReadFromKafka(beam.PTransform):
         consumer_config=dict(consumer_config or {}),
         metrics_namespace=METRICS_NAMESPACE,
         reader_id=uuid.uuid4().hex,
-        give_up_s=give_up_s)
+        give_up_s=give_up_s,
+        partition_discovery_s=partition_discovery_s)
     self._decode = decode
 
   def expand(self, pbegin):
@@ -169,9 +166,11 @@ class ReadFromKafka(beam.PTransform):
         (False, True): _CommittingReadUnboundedPartitionsFn,
     }[(config.finite, config.commits)]
     reader = reader_cls(config)
+    discover = (WatchPartitions if config.watches_partitions
+                else DiscoverPartitions)
     read = (pbegin
             | 'Impulse' >> beam.Impulse()
-            | 'DiscoverPartitions' >> beam.ParDo(_DiscoverPartitions(config))
+            | discover.__name__ >> beam.ParDo(discover(config))
             | 'SpreadPartitions' >> beam.Reshuffle()
             | 'ReadPartitions' >> beam.ParDo(reader).with_output_types(
                 KafkaRecord))
