@@ -27,12 +27,13 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms import window
 from apache_beam.utils.timestamp import Timestamp
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaConsumer, TopicPartition
 
 from tools import replay
 from transforms import decode
 from transforms import kafka_io
 from tests.taxi import TAXI
+from tests.topics import consume_all, produce
 EVENT_TIME_KEY = TAXI.event_time.field
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,45 +41,6 @@ TAXI_CSV = os.path.join(REPO, 'data', 'taxi_trips.csv')
 
 
 # ------------------------------------------------------------------ helpers
-
-def consume_all(bootstrap: str, topic: str, expected: int | None = None,
-                timeout_s: float = 30.0, **consumer_config) -> list[Any]:
-  """Every record of ``topic``: up to the end offsets, or until ``expected``
-  records arrived (for topics still being written)."""
-  consumer = KafkaConsumer(bootstrap_servers=bootstrap,
-                           auto_offset_reset='earliest',
-                           enable_auto_commit=False, **consumer_config)
-  tps = [TopicPartition(topic, p)
-         for p in sorted(consumer.partitions_for_topic(topic) or [])]
-  consumer.assign(tps)
-  consumer.seek_to_beginning()
-  out: list[Any] = []
-  deadline = time.monotonic() + timeout_s
-  try:
-    while time.monotonic() < deadline:
-      if expected is None:
-        end = consumer.end_offsets(tps)
-        if all(consumer.position(tp) >= end[tp] for tp in tps):
-          break
-      elif len(out) >= expected:
-        break
-      for batch in consumer.poll(timeout_ms=200).values():
-        out.extend(batch)
-  finally:
-    consumer.close()
-  return out
-
-
-def produce(bootstrap: str, topic: str, messages, **kwargs) -> None:
-  """Sends (key, value[, partition[, timestamp_ms]]) tuples and flushes."""
-  producer = KafkaProducer(bootstrap_servers=bootstrap, **kwargs)
-  for message in messages:
-    key, value, partition, ts = (tuple(message) + (None, None))[:4]
-    producer.send(topic, key=key, value=value, partition=partition,
-                  timestamp_ms=ts)
-  producer.flush()
-  producer.close()
-
 
 def direct_options(*extra: str) -> PipelineOptions:
   return PipelineOptions(['--runner=DirectRunner', *extra])

@@ -1,7 +1,12 @@
-"""Reading a job's output topic in tests."""
+"""Writing and reading topics in tests."""
+
+from __future__ import annotations
 
 import json
 import time
+from typing import Any
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 
 class TopicReader:
@@ -26,3 +31,42 @@ class TopicReader:
 
   def close(self) -> None:
     self._consumer.close()
+
+
+def consume_all(bootstrap: str, topic: str, expected: int | None = None,
+                timeout_s: float = 30.0, **consumer_config) -> list[Any]:
+  """Every record of ``topic``: up to the end offsets, or until ``expected``
+  records arrived (for topics still being written)."""
+  consumer = KafkaConsumer(bootstrap_servers=bootstrap,
+                           auto_offset_reset='earliest',
+                           enable_auto_commit=False, **consumer_config)
+  tps = [TopicPartition(topic, p)
+         for p in sorted(consumer.partitions_for_topic(topic) or [])]
+  consumer.assign(tps)
+  consumer.seek_to_beginning()
+  out: list[Any] = []
+  deadline = time.monotonic() + timeout_s
+  try:
+    while time.monotonic() < deadline:
+      if expected is None:
+        end = consumer.end_offsets(tps)
+        if all(consumer.position(tp) >= end[tp] for tp in tps):
+          break
+      elif len(out) >= expected:
+        break
+      for batch in consumer.poll(timeout_ms=200).values():
+        out.extend(batch)
+  finally:
+    consumer.close()
+  return out
+
+
+def produce(bootstrap: str, topic: str, messages, **kwargs) -> None:
+  """Sends (key, value[, partition[, timestamp_ms]]) tuples and flushes."""
+  producer = KafkaProducer(bootstrap_servers=bootstrap, **kwargs)
+  for message in messages:
+    key, value, partition, ts = (tuple(message) + (None, None))[:4]
+    producer.send(topic, key=key, value=value, partition=partition,
+                  timestamp_ms=ts)
+  producer.flush()
+  producer.close()

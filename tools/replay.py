@@ -269,7 +269,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   topic = args.topic or problem.topic('events')
   kafka.create_topic(bootstrap, topic, args.partitions,
                      config={'retention.ms': '-1'},
-                     client_config=args.producer_config)
+                     # env:/file: references resolved here: runners.kafka
+                     # knows nothing of the connector's conventions.
+                     client_config=clients.resolve_secrets(
+                         args.producer_config or {}))
   events = load_events(problem, args.input, args.order, args.limit,
                        args.split, args.eval_percent)
   replay(problem, events, topic, bootstrap, args.rate, args.producer_config,

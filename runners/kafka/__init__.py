@@ -22,12 +22,23 @@ From Python (tests, benchmarks)::
 The broker is configured for one node (replication factor 1 for the offsets
 and transaction logs) with transactions enabled, so idempotent and
 transactional producers work as on a real cluster.
+
+With ``security=BrokerSecurity(...)`` it also listens with TLS (``SSL``) and
+with TLS plus SCRAM authentication (``SASL_SSL``), each on its own port; the
+PLAINTEXT listener stays for admin and inter-broker traffic::
+
+    security = BrokerSecurity('broker.p12', keystore_password='...',
+                              scram_users={'alice': '...'})
+    with KafkaBroker(security=security) as broker:
+      broker.sasl_ssl_bootstrap_servers   # '127.0.0.1:<port>'
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -102,18 +113,22 @@ def fetch_jars(version: str | None = None) -> pathlib.Path:
 
 def _server_properties(data_dir: pathlib.Path, port: int,
                        controller_port: int,
-                       extra: Mapping[str, Any]) -> str:
+                       extra: Mapping[str, Any],
+                       more_listeners: Mapping[str, int] | None = None) -> str:
+  """``more_listeners``: {security protocol: port}, one listener named after
+  its protocol each (``SSL``, ``SASL_SSL``), next to PLAINTEXT."""
+  client = {'PLAINTEXT': port, **(more_listeners or {})}
+  advertised = ','.join(f'{name}://{HOST}:{p}' for name, p in client.items())
   props = {
       'process.roles': 'broker,controller',
       'node.id': 1,
       'controller.quorum.voters': f'1@{HOST}:{controller_port}',
-      'listeners': (f'PLAINTEXT://{HOST}:{port},'
-                    f'CONTROLLER://{HOST}:{controller_port}'),
-      'advertised.listeners': f'PLAINTEXT://{HOST}:{port}',
+      'listeners': f'{advertised},CONTROLLER://{HOST}:{controller_port}',
+      'advertised.listeners': advertised,
       'controller.listener.names': 'CONTROLLER',
       'inter.broker.listener.name': 'PLAINTEXT',
-      'listener.security.protocol.map':
-          'CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT',
+      'listener.security.protocol.map': ','.join(
+          ['CONTROLLER:PLAINTEXT'] + [f'{name}:{name}' for name in client]),
       'log.dirs': data_dir / 'logs',
       'num.partitions': 1,
       # One node: internal topics cannot be replicated; few partitions keep
@@ -149,6 +164,85 @@ log4j.logger.org.apache.kafka.controller=INFO
 """
 
 
+@dataclasses.dataclass(frozen=True)
+class BrokerSecurity:
+  """TLS and SASL/SCRAM listeners for ``KafkaBroker`` (``security=``).
+
+  The broker then also listens on ``SSL`` (TLS, no client authentication)
+  and ``SASL_SSL`` (TLS + SCRAM user and password) ports.
+
+  Args:
+    keystore: the broker's private key and certificate chain (PKCS12 or JKS);
+      the certificate must name 127.0.0.1 (SAN ``IP:127.0.0.1``) for clients
+      that check the host name.
+    keystore_password: the password of the keystore and of its key. It is in
+      ``server.properties`` (mode 0600, in the broker's data directory): the
+      broker reads it from there and masks it in its own log.
+    scram_users: {user name: password} for ``scram_mechanism``, created when
+      the storage is formatted (a reused data directory keeps the users it
+      was formatted with). The storage tool is given salted credentials
+      only, so no plain-text password is on a command line or on disk
+      (a salted one still lets a SCRAM client in: it is not logged either).
+    keystore_type: 'PKCS12' or 'JKS'.
+    scram_mechanism: 'SCRAM-SHA-256' or 'SCRAM-SHA-512'.
+
+  Passwords are left out of ``repr`` so that logging this object is safe.
+  """
+  keystore: str | os.PathLike
+  keystore_password: str = dataclasses.field(repr=False)
+  scram_users: Mapping[str, str] = dataclasses.field(
+      default_factory=dict, repr=False)
+  keystore_type: str = 'PKCS12'
+  scram_mechanism: str = 'SCRAM-SHA-256'
+  scram_iterations: int = 4096  # Kafka's minimum and its tools' default
+
+  def server_properties(self) -> dict[str, Any]:
+    """The ``server.properties`` entries of both listeners."""
+    mechanism = self.scram_mechanism
+    return {
+        'ssl.keystore.type': self.keystore_type,
+        'ssl.keystore.location': pathlib.Path(self.keystore).resolve(),
+        'ssl.keystore.password': self.keystore_password,
+        'ssl.key.password': self.keystore_password,
+        'sasl.enabled.mechanisms': mechanism,
+        # Broker side of SCRAM: credentials come from the cluster metadata.
+        f'listener.name.sasl_ssl.{mechanism.lower()}.sasl.jaas.config':
+            'org.apache.kafka.common.security.scram.ScramLoginModule '
+            'required;',
+    }
+
+  def scram_arguments(self) -> list[str]:
+    """``--add-scram`` arguments of ``StorageTool format``: one salted
+    credential per user (RFC 5802 SaltedPassword = PBKDF2-HMAC; the broker
+    derives its stored and server keys from it)."""
+    digest = {'SCRAM-SHA-256': 'sha256',
+              'SCRAM-SHA-512': 'sha512'}[self.scram_mechanism]
+    args = []
+    for name, password in self.scram_users.items():
+      if not name or any(c in name for c in ',=[]"'):
+        raise ValueError(f'unusable SCRAM user name {name!r}')
+      salt = os.urandom(16)
+      salted = hashlib.pbkdf2_hmac(digest, password.encode(), salt,
+                                   self.scram_iterations)
+      args += ['--add-scram',
+               f'{self.scram_mechanism}=[name={name},'
+               f'iterations={self.scram_iterations},'
+               f'salt="{base64.b64encode(salt).decode()}",'
+               f'saltedpassword="{base64.b64encode(salted).decode()}"]']
+    return args
+
+  def secrets(self) -> list[str]:
+    """The passwords, for redacting error messages."""
+    return [s for s in (self.keystore_password, *self.scram_users.values())
+            if s]
+
+
+def _redact(text: str, secrets: list[str]) -> str:
+  for secret in secrets:
+    text = text.replace(secret, '***')
+  return text
+
+
 def _cluster_id() -> str:
   """A Kafka cluster id: a random UUID, URL-safe base64 without padding.
 
@@ -173,12 +267,30 @@ def _set_parent_death_signal() -> None:  # pragma: no cover - in the child
     pass
 
 
+_SECRET_WORDS = ('password', 'secret', 'token')
+
+
+def _mask_secrets(record: logging.LogRecord) -> bool:
+  """A log filter: kafka-python's ``KafkaAdminClient`` logs all its settings,
+  passwords included, at DEBUG; mask the secret ones."""
+  if isinstance(record.args, Mapping):
+    record.args = {k: '***' if v and any(w in k for w in _SECRET_WORDS) else v
+                   for k, v in record.args.items()}
+  return True
+
+
+def _admin_client(**config: Any) -> Any:
+  from kafka import KafkaAdminClient
+  # A logger holds a filter once, however often it is added.
+  logging.getLogger('kafka.admin.client').addFilter(_mask_secrets)
+  return KafkaAdminClient(**config)
+
+
 def answers(bootstrap_servers: str, timeout_s: float = 5.0) -> bool:
   """True if a broker at ``bootstrap_servers`` answers a metadata request."""
-  from kafka import KafkaAdminClient
   from kafka.errors import KafkaError
   try:
-    admin = KafkaAdminClient(
+    admin = _admin_client(
         bootstrap_servers=bootstrap_servers,
         request_timeout_ms=int(timeout_s * 1000),
         bootstrap_timeout_ms=int(timeout_s * 1000),
@@ -214,9 +326,9 @@ def create_topic(bootstrap_servers: str, name: str, partitions: int = 1,
   from kafka import KafkaAdminClient, KafkaConsumer
   from kafka.admin import NewTopic
   from kafka.errors import TopicAlreadyExistsError
-  admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers,
-                           client_id='rtml-topic-admin',
-                           **_client_config(KafkaAdminClient, client_config))
+  admin = _admin_client(bootstrap_servers=bootstrap_servers,
+                        client_id='rtml-topic-admin',
+                        **_client_config(KafkaAdminClient, client_config))
   want = partitions
   try:
     admin.create_topics([NewTopic(name, num_partitions=partitions,
@@ -256,6 +368,8 @@ class KafkaBroker:
     port: client (PLAINTEXT) port; a free one when None.
     controller_port: KRaft controller port; a free one when None.
     config: extra ``server.properties`` entries, overriding the defaults.
+    security: also listen with TLS and SASL_SSL (``BrokerSecurity``), on
+      free ports (``ssl_bootstrap_servers``, ``sasl_ssl_bootstrap_servers``).
     startup_timeout_s: how long to wait for the broker to answer.
     tie_to_parent: stop the broker when this Python process dies (tests).
       ``python -m runners.kafka up`` sets False so the broker outlives it.
@@ -264,6 +378,7 @@ class KafkaBroker:
   def __init__(self, data_dir: str | os.PathLike | None = None,
                port: int | None = None, controller_port: int | None = None,
                config: Mapping[str, Any] | None = None,
+               security: BrokerSecurity | None = None,
                startup_timeout_s: float = 90.0, tie_to_parent: bool = True):
     self._temporary = data_dir is None
     self.data_dir = pathlib.Path(
@@ -273,6 +388,15 @@ class KafkaBroker:
     self.controller_port = controller_port or free_port()
     while self.controller_port == self.port:
       self.controller_port = free_port()
+    self.security = security
+    # {security protocol: port} of the listeners besides PLAINTEXT.
+    self.secure_ports: dict[str, int] = {}
+    for protocol in ('SSL', 'SASL_SSL') if security else ():
+      port = free_port()
+      while port in (self.port, self.controller_port,
+                     *self.secure_ports.values()):
+        port = free_port()
+      self.secure_ports[protocol] = port
     self._config = dict(config or {})
     self._startup_timeout_s = startup_timeout_s
     self._tie_to_parent = tie_to_parent
@@ -281,6 +405,16 @@ class KafkaBroker:
   @property
   def bootstrap_servers(self) -> str:
     return f'{HOST}:{self.port}'
+
+  @property
+  def ssl_bootstrap_servers(self) -> str:
+    """The TLS listener (needs ``security``)."""
+    return f'{HOST}:{self.secure_ports["SSL"]}'
+
+  @property
+  def sasl_ssl_bootstrap_servers(self) -> str:
+    """The TLS + SCRAM listener (needs ``security``)."""
+    return f'{HOST}:{self.secure_ports["SASL_SSL"]}'
 
   @property
   def pid(self) -> int | None:
@@ -298,20 +432,32 @@ class KafkaBroker:
     classpath = str(libs / '*')
     self.data_dir.mkdir(parents=True, exist_ok=True)
     props = self.data_dir / 'server.properties'
-    props.write_text(_server_properties(
-        self.data_dir, self.port, self.controller_port, self._config))
+    config = dict(self._config)
+    if self.security is not None:
+      config = {**self.security.server_properties(), **config}
+    # It may hold the keystore password: readable by us only.
+    fd = os.open(props, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, 'w') as f:
+      f.write(_server_properties(self.data_dir, self.port,
+                                 self.controller_port, config,
+                                 self.secure_ports))
     log4j = self.data_dir / 'log4j.properties'
     log4j.write_text(_LOG4J.format(log=self.log_file))
     log4j_opt = f'-Dlog4j.configuration=file:{log4j}'
     if not (self.data_dir / 'logs' / 'meta.properties').exists():
+      scram = self.security.scram_arguments() if self.security else []
       proc = subprocess.run(
           [java, *JVM_OPTS, log4j_opt, '-cp', classpath,
            'kafka.tools.StorageTool', 'format', '-t', _cluster_id(),
-           '-c', str(props)],
+           '-c', str(props), *scram],
           capture_output=True, text=True, check=False)
       if proc.returncode != 0:
+        secrets = (self.security.secrets() + scram[1::2]
+                   if self.security else [])
         raise KafkaBrokerError(
-            f'formatting {self.data_dir} failed:\n{proc.stdout}{proc.stderr}')
+            f'formatting {self.data_dir} failed:\n'
+            + _redact(proc.stdout + proc.stderr, secrets))
     out = open(self.data_dir / 'broker.out', 'ab')  # JVM crashes, GC notes
     try:
       self._proc = subprocess.Popen(
@@ -327,8 +473,10 @@ class KafkaBroker:
     except BaseException:
       self.stop()
       raise
-    _LOGGER.info('Kafka broker %s up (pid %d, data %s)',
-                 self.bootstrap_servers, self._proc.pid, self.data_dir)
+    _LOGGER.info('Kafka broker %s up (pid %d, data %s%s)',
+                 self.bootstrap_servers, self._proc.pid, self.data_dir,
+                 ''.join(f', {name} {HOST}:{port}'
+                         for name, port in self.secure_ports.items()))
     return self
 
   def _wait_ready(self) -> None:
@@ -338,7 +486,9 @@ class KafkaBroker:
         raise KafkaBrokerError(
             f'the broker exited with code {self._proc.returncode}; last log '
             f'lines of {self.log_file}:\n{self._log_tail()}')
-      if _port_open(self.port) and answers(self.bootstrap_servers, 2.0):
+      if (_port_open(self.port) and
+          all(_port_open(p) for p in self.secure_ports.values()) and
+          answers(self.bootstrap_servers, 2.0)):
         return
       time.sleep(0.25)
     raise KafkaBrokerError(
@@ -501,5 +651,6 @@ def status() -> dict[str, Any]:
   return state
 
 
-__all__ = ['KafkaBroker', 'KafkaBrokerError', 'answers', 'create_topic',
-           'down', 'fetch_jars', 'free_port', 'kafka_version', 'status', 'up']
+__all__ = ['BrokerSecurity', 'KafkaBroker', 'KafkaBrokerError', 'answers',
+           'create_topic', 'down', 'fetch_jars', 'free_port', 'kafka_version',
+           'status', 'up']
