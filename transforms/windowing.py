@@ -350,19 +350,20 @@ def record_values(record: Record) -> dict[str, Any]:
   return record.values
 
 
-class _ExplicitWindows(W.NonMergingWindowFn):
-  """Assigns the window ``SplitLate`` chose (fixed and sliding windows).
+class _KeepChosenWindowFn(beam.DoFn):
+  """Keeps an element only in the window ``SplitLate`` chose for it.
 
-  Sliding windows are split per window by ``SplitLate``, so the element must
-  land in exactly the windows that are not expired, not in all its windows.
+  Sliding windows are split per window by ``SplitLate``: each copy it
+  forwards names one window that has not expired, and the ``WindowInto``
+  before this step puts every copy in all of its windows. Filtering here,
+  rather than assigning the chosen window with a custom ``WindowFn``, keeps
+  the windowing strategy one that Java runners know (Flink's GroupByKey
+  rejects a pickled Python ``WindowFn``).
   """
 
-  def assign(self, context):
-    start, end = context.element.window
-    return [W.IntervalWindow(Timestamp(micros=start), Timestamp(micros=end))]
-
-  def get_window_coder(self):
-    return beam.coders.coders.IntervalWindowCoder()
+  def process(self, forwarded, window=beam.DoFn.WindowParam):
+    if forwarded.window == (window.start.micros, window.end.micros):
+      yield forwarded
 
 
 class _SplitLateFn(beam.DoFn):
@@ -502,17 +503,19 @@ class WindowWithLateOutput(beam.PTransform):
         | 'SplitLate' >> beam.ParDo(
             _SplitLateFn(cfg, self._key_name, self._describe)).with_outputs(
                 LATE_TAG, main='forwarded'))
-    window_fn = (cfg.window_fn() if cfg.kind is WindowKind.SESSION
-                 else _ExplicitWindows())
     windowed = (
         split.forwarded
         | 'CountForwarded' >> beam.ParDo(_CountFn('forwarded'))
         | 'WindowForwarded' >> beam.WindowInto(
-            window_fn,
+            cfg.window_fn(),
             trigger=cfg.trigger(),
             accumulation_mode=cfg.accumulation_mode(),
-            allowed_lateness=Duration.of(cfg.allowed_lateness + cfg.margin))
-        | 'KeyForwarded' >> beam.Map(lambda f: (f.key, f.element)))
+            allowed_lateness=Duration.of(cfg.allowed_lateness + cfg.margin)))
+    if cfg.kind is not WindowKind.SESSION:
+      windowed = windowed | 'KeepChosenWindow' >> beam.ParDo(
+          _KeepChosenWindowFn())
+    windowed = windowed | 'KeyForwarded' >> beam.Map(
+        lambda f: (f.key, f.element))
     late = split[LATE_TAG] | 'CountTooLate' >> beam.ParDo(_CountFn('too_late'))
     return {'windowed': windowed, 'late': late}
 
