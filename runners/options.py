@@ -22,7 +22,9 @@ flink       ``--runner=FlinkRunner --flink_version=1.19
             --flink_job_server_jar=<cached launcher jar>``: Beam's Flink job
             server 2.62 assembled from Maven (``runners.flink`` says why not
             2.77); for a cluster give ``--flink_master=HOST:PORT``
-            (``python -m runners.flink up`` prints one). LOOPBACK runs the
+            (``python -m runners.flink up`` prints one). A streaming job also
+            gets checkpoints every 10 s, kept in a directory per job
+            (``runners.flink.checkpoints``). LOOPBACK runs the
             Python workers inside the submitting process, which the task
             managers must be able to reach (same machine or network); for
             remote clusters use ``--environment_type=PROCESS
@@ -102,7 +104,8 @@ def resolve(argv: list[str] | None, streaming: bool = False) -> list[str]:
   if runner is None or runner.lower() not in ALIASES:
     return argv
   completer: Callable[[list[str]], list[str]] = {
-      'direct': _direct, 'prism': _prism, 'flink': _flink,
+      'direct': _direct, 'prism': _prism,
+      'flink': lambda argv: _flink(argv, streaming),
       'dataflow': _dataflow}[runner.lower()]
   return completer(argv)
 
@@ -130,9 +133,11 @@ def _prism(argv: list[str]) -> list[str]:
   return set_default(argv, 'environment_type', 'LOOPBACK')
 
 
-def _flink(argv: list[str]) -> list[str]:
+def _flink(argv: list[str], streaming: bool = False) -> list[str]:
   from runners import flink
   argv = set_flag(argv, 'runner', 'FlinkRunner')
+  if streaming:
+    argv = _flink_checkpoints(argv)
   argv = set_default(argv, 'flink_version', flink.versions().flink_minor)
   argv = set_default(argv, 'flink_master', '[local]')
   argv = set_default(argv, 'environment_type', 'LOOPBACK')
@@ -142,6 +147,22 @@ def _flink(argv: list[str]) -> list[str]:
   else:
     from runners.tools import require_tool
     require_tool('java', 'run the Beam Flink job server')
+  return argv
+
+
+def _flink_checkpoints(argv: list[str]) -> list[str]:
+  """Checkpoints on, kept, in a directory per job (``flink.checkpoints``)."""
+  from runners.flink import checkpoints
+  argv = set_default(argv, 'checkpointing_interval',
+                     str(checkpoints.DEFAULT_INTERVAL_MS))
+  argv = set_default(argv, 'state_backend', 'filesystem')
+  job = get_flag(argv, 'job_name') or get_flag(argv, 'group_id')
+  argv = set_default(argv, 'state_backend_storage_path',
+                     checkpoints.job_dir(job).as_uri())
+  for name in ('externalized_checkpoints_enabled',
+               'retain_externalized_checkpoints_on_cancellation'):
+    if not has_flag(argv, name):
+      argv = argv + [f'--{name}']
   return argv
 
 
@@ -218,13 +239,17 @@ def get_flag(argv: list[str], name: str) -> str | None:
   return argv[i].split('=', 1)[1] if '=' in argv[i] else None
 
 
-def set_flag(argv: list[str], name: str, value: str) -> list[str]:
-  """argv with every ``--name`` removed and ``--name=value`` appended."""
+def _drop_flag(argv: list[str], name: str) -> list[str]:
+  """argv without any ``--name`` (and its value)."""
   drop = set()
   for i, n in _positions(argv, name):
     drop.update(range(i, i + n))
-  return [a for j, a in enumerate(argv) if j not in drop] + [
-      f'--{name}={value}']
+  return [a for j, a in enumerate(argv) if j not in drop]
+
+
+def set_flag(argv: list[str], name: str, value: str) -> list[str]:
+  """argv with every ``--name`` removed and ``--name=value`` appended."""
+  return _drop_flag(argv, name) + [f'--{name}={value}']
 
 
 def set_default(argv: list[str], name: str, value: str) -> list[str]:

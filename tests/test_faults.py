@@ -257,7 +257,8 @@ def test_serve_outlives_the_runner_state_stream_deadline(
 
 
 def _serve(kafka_bootstrap, names, model_root, log, *extra):
-  """``python -m pipelines.serve`` in its own process group."""
+  """``python -m pipelines.serve`` in its own process group (on Prism
+  unless ``extra`` names a runner)."""
   return subprocess.Popen(
       [sys.executable, '-m', 'pipelines.serve',
        '--bootstrap_servers', kafka_bootstrap,
@@ -267,8 +268,9 @@ def _serve(kafka_bootstrap, names, model_root, log, *extra):
       stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _prism_children(pid: int) -> list[int]:
-  """Prism processes in the process group ``pid`` leads."""
+def _runner_children(pid: int, name: bytes) -> list[int]:
+  """Processes of the process group ``pid`` leads whose command line has
+  ``name`` (b'prism', or b'flink' for the job server)."""
   found = []
   for entry in os.listdir('/proc'):
     if not entry.isdigit():
@@ -280,26 +282,31 @@ def _prism_children(pid: int) -> list[int]:
         cmdline = f.read()
     except OSError:
       continue
-    if int(fields[2]) == pid and fields[0] != 'Z' and b'prism' in cmdline:
+    if int(fields[2]) == pid and fields[0] != 'Z' and name in cmdline:
       found.append(int(entry))
   return found
 
 
-@pytest.mark.parametrize('delivery', ['at_least_once', 'exactly_once'])
+@pytest.mark.parametrize('runner,delivery', [
+    ('prism', 'at_least_once'), ('prism', 'exactly_once'),
+    ('flink', 'at_least_once')])
 def test_serve_killed_mid_stream_and_restarted_loses_nothing(
-    kafka_bootstrap, kafka_topic, taxi_model, tmp_path, delivery):
-  """SIGKILL to serving's whole process group while events flow, then a
-  restart with the same group: every event is predicted; duplicates are
-  counted (at-least-once) or none (exactly-once, read_committed)."""
+    kafka_bootstrap, kafka_topic, taxi_model, tmp_path, runner, delivery):
+  """SIGKILL to serving's whole process group (the runner with it) while
+  events flow, then a restart with the same group: every event is
+  predicted; duplicates are counted (at-least-once) or none (exactly-once,
+  read_committed)."""
   names = {'events': kafka_topic(partitions=2, suffix='events'),
            'output': kafka_topic(suffix='predictions'),
            'dlq': kafka_topic(suffix='dlq')}
   events = replay.load_events(TAXI, 'data/taxi_trips.csv', split='eval',
                               limit=600)
-  extra = ['--delivery', delivery,
+  extra = ['--runner', runner, '--delivery', delivery,
            # A killed job's open transaction is aborted after this.
            '--producer_config', json.dumps({'transaction_timeout_ms': 10000})
            if delivery == 'exactly_once' else '{}']
+  if runner == 'flink':
+    extra += ['--state_backend_storage_path', (tmp_path / 'ckpt').as_uri()]
   log = open(tmp_path / 'serve.log', 'w')
   predictions = TopicReader(kafka_bootstrap, names['output'],
                             isolation_level='read_committed')
@@ -325,7 +332,7 @@ def test_serve_killed_mid_stream_and_restarted_loses_nothing(
     dead.until(10**9, 5)
     running = job.poll() is None
   finally:
-    leftover = _prism_children(job.pid)
+    leftover = _runner_children(job.pid, runner.encode())
     if job.poll() is None:
       os.killpg(job.pid, signal.SIGKILL)
       job.wait()
@@ -337,12 +344,13 @@ def test_serve_killed_mid_stream_and_restarted_loses_nothing(
                                 for d in dead.items)
   lost = {eid for eid, _ in events} - set(got)
   duplicates = sum(got.values()) - len(got)
-  print(f'serve SIGKILL ({delivery}): {len(got)} of {len(events)} events '
-        f'predicted, {len(lost)} lost, {duplicates} duplicates')
+  print(f'serve SIGKILL ({runner}, {delivery}): {len(got)} of {len(events)} '
+        f'events predicted, {len(lost)} lost, {duplicates} duplicates')
   assert running, (tmp_path / 'serve.log').read_text()[-3000:]
   assert not lost
-  assert leftover, 'the restarted job runs on Prism'
+  assert leftover, f'the restarted job runs on {runner}'
   assert len(letters) == len(bad)
   if delivery == 'exactly_once':
     assert duplicates == 0
     assert sum(letters.values()) == len(bad)
+

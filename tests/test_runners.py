@@ -41,7 +41,7 @@ from apache_beam.transforms.periodicsequence import PeriodicImpulse
 
 from runners import flink, prism
 from runners import options as runner_options
-from runners.options import RunnerOptionsError, get_flag, resolve
+from runners.options import RunnerOptionsError, get_flag, has_flag, resolve
 from runners.tools import REPO_ROOT, RunnerSetupError
 from tests.topics import TopicReader
 from tests.taxi import TAXI
@@ -147,6 +147,39 @@ def test_flink_defaults_to_an_embedded_cluster_in_loopback():
   assert flink_options.flink_version == flink.versions().flink_minor
   assert flink_options.flink_job_server_jar == '/j.jar'
   assert options.view_as(PortableOptions).environment_type == 'LOOPBACK'
+
+
+def test_flink_streaming_jobs_checkpoint_into_a_directory_per_job():
+  from runners.flink import checkpoints
+  argv = resolve(['--runner', 'flink', '--flink_job_server_jar', '/j.jar',
+                  '--group_id', 'serve/taxi'], streaming=True)
+  options = PipelineOptions(argv).view_as(checkpoints.FlinkCheckpointOptions)
+  assert options.checkpointing_interval == checkpoints.DEFAULT_INTERVAL_MS
+  assert options.state_backend == 'filesystem'
+  assert options.state_backend_storage_path == (
+      checkpoints.CHECKPOINT_ROOT / 'serve_taxi').as_uri()
+  assert options.externalized_checkpoints_enabled
+  assert options.retain_externalized_checkpoints_on_cancellation
+  # What the Python FlinkRunner sends the job server: declared flags only.
+  sent = PipelineOptions(argv).get_all_options(drop_default=True)
+  assert sent['checkpointing_interval'] == checkpoints.DEFAULT_INTERVAL_MS
+  # The user's choice wins; batch jobs get none of it.
+  argv = resolve(['--runner', 'flink', '--flink_job_server_jar', '/j.jar',
+                  '--checkpointing_interval', '-1'], streaming=True)
+  assert get_flag(argv, 'checkpointing_interval') == '-1'
+  assert not has_flag(resolve(['--runner', 'flink', '--flink_job_server_jar',
+                               '/j.jar']), 'checkpointing_interval')
+
+
+def test_latest_checkpoint_is_the_newest_complete_one(tmp_path):
+  from runners.flink import checkpoints
+  assert checkpoints.latest_checkpoint(tmp_path) is None
+  for n, complete in ((3, True), (4, True), (5, False)):
+    chk = tmp_path / 'job-a' / f'chk-{n}'
+    chk.mkdir(parents=True)
+    if complete:  # Flink writes _metadata last
+      (chk / '_metadata').write_bytes(b'x')
+  assert checkpoints.latest_checkpoint(tmp_path) == tmp_path / 'job-a' / 'chk-4'
 
 
 def test_flink_keeps_a_cluster_address_and_environment():
