@@ -2,6 +2,8 @@
 
     python benchmarks/soak_bench.py [--events 1000000] [--rate 0]
         [--runner prism] [--model_dir OUT/model]
+    python benchmarks/soak_bench.py --pipeline analytics --events 300000 \
+        --rate 500     # ten minutes of windowed analytics
 
 Starts ``python -m pipelines.serve`` (its own process group, as a user
 would), pushes ``--events`` taxi events through it (``--rate`` events/s; 0:
@@ -11,8 +13,16 @@ serving process and its children (Prism) every ``--sample_s``. The start
 figures are taken once ``--warmup`` predictions have come out (the model and
 the runner are loaded), the end figures when the last prediction has.
 
+With ``--pipeline analytics`` the job is ``pipelines.analytics`` (fixed
+one-minute windows, discarding panes), the events are stamped with the time
+they are sent (a live stream: replayed history would move the watermark by
+years a second, and the late-data splitter ticks once per window across
+them), and an event counts once it is in a window's count or on the late
+topic; the counts reach ``--events`` when the last windows close, about a
+minute after the last event.
+
 Goal (reliability issue): RSS and threads flat within 10 % from start to
-end, every event predicted, the job still running. Prints one JSON
+end, every event predicted (or counted), the job still running. Prints one JSON
 document; progress goes to stderr. Starts its own broker unless
 ``KAFKA_BOOTSTRAP_SERVERS`` is set, and trains a model (1 epoch) unless
 ``--model_dir`` is given.
@@ -79,16 +89,26 @@ def _usage(pid: int) -> dict[str, float]:
   return {'rss_mib': round(rss_kb / 1024, 1), 'threads': threads}
 
 
-class Counter(threading.Thread):
-  """Counts the predictions on a topic (and distinct event ids)."""
+def _events_in(record) -> int:
+  """How many events an output record accounts for: a prediction or a late
+  event 1, a window pane its count, anything else (drift rows) 0."""
+  if not record.topic.startswith('soak-stats-'):
+    return 1
+  row = json.loads(record.value)
+  return row.get('count', 0) if row.get('type') == 'window_stats' else 0
 
-  def __init__(self, bootstrap: str, topic: str):
+
+class Counter(threading.Thread):
+  """Counts the events accounted for on the output topics (predictions, or
+  window counts plus late events), and distinct keys."""
+
+  def __init__(self, bootstrap: str, topics: list[str]):
     super().__init__(daemon=True)
     from kafka import KafkaConsumer
     self.count = 0
     self.ids: set[str] = set()
     self._stop = threading.Event()
-    self._consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap,
+    self._consumer = KafkaConsumer(*topics, bootstrap_servers=bootstrap,
                                    auto_offset_reset='earliest',
                                    max_poll_records=5000)
 
@@ -96,7 +116,7 @@ class Counter(threading.Thread):
     while not self._stop.is_set():
       for records in self._consumer.poll(timeout_ms=500).values():
         for record in records:
-          self.count += 1
+          self.count += _events_in(record)
           self.ids.add(record.key)
     self._consumer.close()
 
@@ -104,7 +124,8 @@ class Counter(threading.Thread):
     self._stop.set()
 
 
-def _produce(bootstrap, topic, n, rate, max_lag, counter, stop):
+def _produce(bootstrap, topic, n, rate, max_lag, counter, stop,
+             live_times=False):
   from kafka import KafkaProducer
   from tools import replay
   base = replay.load_events(TAXI, 'data/taxi_trips.csv')
@@ -121,6 +142,8 @@ def _produce(bootstrap, topic, n, rate, max_lag, counter, stop):
     while i - counter.count > max_lag and not stop.is_set():
       time.sleep(0.05)  # serving is behind: let it catch up
     eid, event = base[i % len(base)]
+    if live_times:  # a live stream: the event happens now
+      event = {**event, TAXI.event_time.field: int(time.time())}
     producer.send(topic, key=f'{eid}-{i // len(base)}'.encode(),
                   value=json.dumps(event, separators=(',', ':')).encode())
   producer.flush()
@@ -135,10 +158,18 @@ def main():
   parser.add_argument('--warmup', type=int, default=10_000)
   parser.add_argument('--sample_s', type=float, default=10.0)
   parser.add_argument('--keep_log', default=None,
-                      help='Copy the serving log here at the end.')
+                      help='Copy the job log here at the end.')
   parser.add_argument('--runner', default='prism')
+  parser.add_argument('--pipeline', choices=['serve', 'analytics'],
+                      default='serve')
   parser.add_argument('--model_dir', default=None)
+  parser.add_argument('job_args', nargs='*',
+                      help='More flags for the job, after --.')
   args = parser.parse_args()
+  analytics = args.pipeline == 'analytics'
+  # `timeout` or a Ctrl-C in another shell: clean up (the job is in its own
+  # process group and would outlive us).
+  signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
   broker = None
   bootstrap = os.environ.get('KAFKA_BOOTSTRAP_SERVERS')
@@ -149,32 +180,44 @@ def main():
   job = None
   try:
     model_root = args.model_dir
-    if model_root is None:
+    if model_root is None and not analytics:
       from pipelines import train
       _log('training a model (1 epoch)')
       train.run(['--input', 'data/taxi_trips.csv', '--output_dir', tmp.name,
                  '--epochs', '1'])
       model_root = os.path.join(tmp.name, 'model')
     suffix = uuid.uuid4().hex[:6]
-    topics = {n: f'soak-{n}-{suffix}' for n in ('in', 'out', 'dlq')}
+    topics = {n: f'soak-{n}-{suffix}'
+              for n in ('in', 'out', 'dlq', 'stats', 'late', 'alerts')}
     kafka_runner.create_topic(bootstrap, topics['in'], partitions=2)
-    kafka_runner.create_topic(bootstrap, topics['out'])
-    kafka_runner.create_topic(bootstrap, topics['dlq'])
-    log_path = os.path.join(tmp.name, 'serve.log')
+    for name in topics:
+      kafka_runner.create_topic(bootstrap, topics[name])
+    log_path = os.path.join(tmp.name, 'job.log')
     log = open(log_path, 'w')
-    job = subprocess.Popen(
-        [sys.executable, '-m', 'pipelines.serve',
-         '--bootstrap_servers', bootstrap, '--input_topic', topics['in'],
-         '--output_topic', topics['out'], '--dead_letter_topic',
-         topics['dlq'], '--model_dir', model_root, '--group_id', suffix,
-         '--runner', args.runner],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    counter = Counter(bootstrap, topics['out'])
+    common = ['--bootstrap_servers', bootstrap, '--input_topic', topics['in'],
+              '--dead_letter_topic', topics['dlq'], '--group_id', suffix,
+              '--runner', args.runner]
+    if analytics:
+      command = ['pipelines.analytics', *common,
+                 '--output_topic', topics['stats'],
+                 '--late_topic', topics['late'],
+                 '--alerts_topic', topics['alerts'],
+                 '--window', 'fixed', '--size', '60',
+                 '--accumulation', 'discarding']
+      outputs = [topics['stats'], topics['late']]
+    else:
+      command = ['pipelines.serve', *common, '--output_topic', topics['out'],
+                 '--model_dir', model_root]
+      outputs = [topics['out']]
+    job = subprocess.Popen([sys.executable, '-m', *command, *args.job_args],
+                           stdout=log, stderr=subprocess.STDOUT,
+                           start_new_session=True)
+    counter = Counter(bootstrap, outputs)
     counter.start()
     stop = threading.Event()
     producer = threading.Thread(target=_produce, args=(
         bootstrap, topics['in'], args.events, args.rate, args.max_lag,
-        counter, stop), daemon=True)
+        counter, stop, analytics), daemon=True)
     producer.start()
     samples = []
     start = end = None
@@ -184,18 +227,19 @@ def main():
     while counter.count < args.events:
       time.sleep(args.sample_s)
       if job.poll() is not None:
-        _log(f'serving exited with {job.returncode}; log: {log_path}')
+        _log(f'{args.pipeline} exited with {job.returncode}; log: '
+             f'{log_path}')
         break
       now = time.monotonic()
       if counter.count > last_count:
         progressed = now
       elif now - progressed > 300:
-        _log(f'no prediction for 300 s; log: {log_path}')
+        _log(f'no output for 300 s; log: {log_path}')
         break
       usage = _usage(job.pid)
       rate = (counter.count - last_count) / (now - last_time)
       last_count, last_time = counter.count, now
-      sample = {'t_s': round(now - started), 'predictions': counter.count,
+      sample = {'t_s': round(now - started), 'accounted': counter.count,
                 'events_per_s': round(rate), **usage}
       samples.append(sample)
       _log(json.dumps(sample))
@@ -217,9 +261,10 @@ def main():
                     'python': platform.python_version(),
                     'platform': platform.platform()},
         'runner': args.runner,
+        'pipeline': args.pipeline,
         'events': args.events,
-        'predictions': counter.count,
-        'distinct_events_predicted': len(counter.ids),
+        'events_accounted_for': counter.count,
+        'distinct_output_keys': len(counter.ids),
         'seconds': round(elapsed, 1),
         'events_per_s': round(counter.count / elapsed, 1),
         'job_running_at_end': running,
@@ -237,9 +282,9 @@ def main():
         os.killpg(job.pid, signal.SIGKILL)
     if broker is not None:
       broker.stop()
-    if args.keep_log and os.path.exists(os.path.join(tmp.name, 'serve.log')):
+    if args.keep_log and os.path.exists(os.path.join(tmp.name, 'job.log')):
       import shutil
-      shutil.copy(os.path.join(tmp.name, 'serve.log'), args.keep_log)
+      shutil.copy(os.path.join(tmp.name, 'job.log'), args.keep_log)
     tmp.cleanup()
 
 

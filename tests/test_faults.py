@@ -5,7 +5,7 @@ broker and the default runner (Prism).
   among good events: serving predicts every good one exactly once,
   dead-letters every bad one exactly once, and is still running; analytics
   accounts for every message in windows, late output or dead letters.
-* The broker stopped for 15 s mid-stream and started again on the same
+* The broker stopped for 60 s mid-stream and started again on the same
   address: serving predicts every event (duplicates counted and printed).
 * ``make kafka-down`` / ``make kafka-up`` keeps the broker's address.
 """
@@ -38,7 +38,7 @@ pytestmark = pytest.mark.integration
 SEED = 20261201
 N_GOOD = 300
 N_BAD = 1000
-OUTAGE_S = 15
+OUTAGE_S = 60  # the issue's bar: every client waits out a minute
 
 
 def _send(bootstrap: str, topic: str, messages) -> list[tuple]:
@@ -150,7 +150,7 @@ def test_analytics_fuzz_every_message_in_a_window_or_dead_lettered(
 
 
 def test_serve_rides_out_a_broker_outage(tmp_path, taxi_model):
-  """The broker is stopped for 15 s while events flow, then started again
+  """The broker is stopped for 60 s while events flow, then started again
   on the same address and data: serving keeps running and predicts every
   event; duplicates are counted (at-least-once)."""
   from runners.kafka import KafkaBroker
@@ -194,7 +194,7 @@ def test_serve_rides_out_a_broker_outage(tmp_path, taxi_model):
   assert set(got) == {eid for eid, _ in events}
   duplicates = sum(got.values()) - len(got)
   assert state == PipelineState.RUNNING
-  print(f'broker outage 15 s: {len(got)} of {len(events)} events predicted, '
+  print(f'broker outage {OUTAGE_S} s: {len(got)} of {len(events)} events predicted, '
         f'{duplicates} duplicates; job {state}')
 
 
