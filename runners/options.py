@@ -159,7 +159,8 @@ def _flink_checkpoints(argv: list[str]) -> list[str]:
   job = get_flag(argv, 'job_name') or get_flag(argv, 'group_id')
   argv = set_default(argv, 'state_backend_storage_path',
                      checkpoints.job_dir(job).as_uri())
-  for name in ('externalized_checkpoints_enabled',
+  for name in ('finish_bundle_before_checkpointing',
+               'externalized_checkpoints_enabled',
                'retain_externalized_checkpoints_on_cancellation'):
     if not has_flag(argv, name):
       argv = argv + [f'--{name}']

@@ -595,6 +595,32 @@ def test_write_transactionally_dead_letters_what_kafka_cannot_take(
   consumer.close()
 
 
+def test_a_bundle_that_died_mid_transaction_is_never_committed(
+    kafka_bootstrap, kafka_topic):
+  """A bundle fails after sending (no finish_bundle) and the runner reuses
+  the writer for its retry: the dead bundle's records are aborted, the
+  retry's committed, with its offsets."""
+  from transforms.kafka_io.transactions import _TransactionalWriteFn
+  out, dlq, source = kafka_topic(), kafka_topic(), kafka_topic()
+  group = f'tx-{source}'
+  writer = _TransactionalWriteFn(kafka_bootstrap, group, dlq, {}, 60.0)
+  writer.setup()
+  try:
+    writer.start_bundle()
+    writer.process(kafka_io.Output(out, 'dead', 'x', (source, 0, 7)))
+    writer.start_bundle()  # the retry, on the same instance
+    writer.process(kafka_io.Output(out, 'retry', 'y', (source, 0, 7)))
+    writer.finish_bundle()
+  finally:
+    writer.teardown()
+  got = consume_all(kafka_bootstrap, out, isolation_level='read_committed')
+  assert [m.key for m in got] == [b'retry']
+  consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=group,
+                           enable_auto_commit=False)
+  assert consumer.committed(TopicPartition(source, 0)) == 8
+  consumer.close()
+
+
 def test_secrets_are_references_resolved_where_the_client_is_made(
     tmp_path, monkeypatch):
   from transforms.kafka_io import clients

@@ -158,6 +158,7 @@ def test_flink_streaming_jobs_checkpoint_into_a_directory_per_job():
   assert options.state_backend == 'filesystem'
   assert options.state_backend_storage_path == (
       checkpoints.CHECKPOINT_ROOT / 'serve_taxi').as_uri()
+  assert options.finish_bundle_before_checkpointing
   assert options.externalized_checkpoints_enabled
   assert options.retain_externalized_checkpoints_on_cancellation
   # What the Python FlinkRunner sends the job server: declared flags only.

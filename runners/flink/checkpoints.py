@@ -11,6 +11,12 @@ unless the flags are given:
   ``--state_backend_storage_path=file://~/.cache/rtml/run/flink-checkpoints/<job>``
   where ``<job>`` is ``--job_name``, else ``--group_id``, else ``default``:
   the same job restarted finds its own checkpoints;
+* ``--finish_bundle_before_checkpointing``: each operator finishes its
+  bundle, so the Kafka sinks flush, before its snapshot. Without it the
+  runner keeps a bundle's pending outputs in the checkpoint; the source then
+  commits offsets of records whose predictions exist only in that checkpoint,
+  and a job restarted from the group's offsets (not from the checkpoint)
+  loses them (seen: the SIGKILL test lost events on Flink);
 * ``--externalized_checkpoints_enabled`` and
   ``--retain_externalized_checkpoints_on_cancellation``: checkpoints outlive
   the job (a crash, a cancel); ``--savepoint_path=<dir>/<job id>/chk-<n>``
@@ -61,6 +67,10 @@ class FlinkCheckpointOptions(PipelineOptions):
     parser.add_argument('--retain_externalized_checkpoints_on_cancellation',
                         action='store_true', default=None,
                         help='Flink: keep them when the job is cancelled.')
+    parser.add_argument('--finish_bundle_before_checkpointing',
+                        action='store_true', default=None,
+                        help='Flink: every operator finishes its bundle '
+                        '(the Kafka sinks flush) before its snapshot.')
     parser.add_argument('--savepoint_path', default=None,
                         help='Flink: start from this savepoint or retained '
                         'checkpoint (a chk-<n> directory).')

@@ -88,8 +88,21 @@ class _TransactionalWriteFn(beam.DoFn):
     self._producer.init_transactions()
 
   def start_bundle(self):
+    if self._open:
+      # The previous bundle failed before finish_bundle (the runner retries
+      # it): what it sent must never be committed.
+      self._abort()
     self._offsets = {}
     self._count = 0
+    self._open = False
+
+  def _abort(self) -> None:
+    self._aborted.inc()
+    try:
+      self._producer.abort_transaction()
+    except Exception:  # pylint: disable=broad-except
+      self._close()   # a fenced or broken producer: start afresh
+      self.setup()
     self._open = False
 
   def _send(self, output: Output) -> None:
@@ -135,12 +148,7 @@ class _TransactionalWriteFn(beam.DoFn):
       _LOGGER.debug('committed %d records in %.3fs', self._count,
                     time.monotonic() - started)
     except Exception as e:
-      self._aborted.inc()
-      try:
-        self._producer.abort_transaction()
-      except Exception:  # pylint: disable=broad-except
-        self._close()   # a fenced or broken producer: start afresh
-        self.setup()
+      self._abort()
       raise RuntimeError(f'the transaction of {self._count} records failed '
                          f'and was aborted ({e!r}); the bundle is retried'
                          ) from e
