@@ -8,6 +8,10 @@ broker and the default runner (Prism).
 * The broker stopped for 60 s mid-stream and started again on the same
   address: serving predicts every event (duplicates counted and printed).
 * ``make kafka-down`` / ``make kafka-up`` keeps the broker's address.
+* The runner's job-state stream past its deadline: the job lives on.
+* Serving's whole process group SIGKILLed mid-stream and restarted with the
+  same group, on Prism (at-least-once and exactly-once) and on Flink: every
+  event predicted, duplicates counted.
 """
 
 from __future__ import annotations
