@@ -27,13 +27,13 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms import window
 from apache_beam.utils.timestamp import Timestamp
-from kafka import KafkaConsumer, TopicPartition
+from kafka import KafkaConsumer
 
 from tools import replay
 from transforms import decode
 from transforms import kafka_io
 from tests.taxi import TAXI
-from tests.topics import consume_all, produce
+from tests.topics import committed_offsets, consume_all, produce
 EVENT_TIME_KEY = TAXI.event_time.field
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -479,11 +479,8 @@ def test_restart_with_the_same_group_loses_nothing(
   finally:
     os.killpg(proc.pid, signal.SIGKILL)  # a crash: no cleanup, no drain
     proc.wait()
-  consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=group,
-                           enable_auto_commit=False)
-  committed = [consumer.committed(TopicPartition(source, i)) or 0
-               for i in (0, 1)]
-  consumer.close()
+  committed = [offset or 0 for offset in committed_offsets(
+      kafka_bootstrap, group, source, (0, 1))]
   assert 0 < sum(committed) < len(events), committed  # killed mid-topic
 
   with beam.Pipeline(options=direct_options()) as p:
@@ -601,10 +598,7 @@ def test_write_transactionally_dead_letters_what_kafka_cannot_take(
       source, 0, 5)
   assert letter['stage'] == 'WriteTransactionally'
   assert letter['errors'][0]['reason'].startswith(f'writing to {out!r}')
-  consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=group,
-                           enable_auto_commit=False)
-  assert consumer.committed(TopicPartition(source, 0)) == 6
-  consumer.close()
+  assert committed_offsets(kafka_bootstrap, group, source, (0,)) == [6]
 
 
 def test_a_bundle_that_died_mid_transaction_is_never_committed(
@@ -627,10 +621,7 @@ def test_a_bundle_that_died_mid_transaction_is_never_committed(
     writer.teardown()
   got = consume_all(kafka_bootstrap, out, isolation_level='read_committed')
   assert [m.key for m in got] == [b'retry']
-  consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=group,
-                           enable_auto_commit=False)
-  assert consumer.committed(TopicPartition(source, 0)) == 8
-  consumer.close()
+  assert committed_offsets(kafka_bootstrap, group, source, (0,)) == [8]
 
 
 def test_secrets_are_references_resolved_where_the_client_is_made(

@@ -70,3 +70,15 @@ def produce(bootstrap: str, topic: str, messages, **kwargs) -> None:
                   timestamp_ms=ts)
   producer.flush()
   producer.close()
+
+
+def committed_offsets(bootstrap: str, group: str, topic: str,
+                      partitions) -> list:
+  """The offsets ``group`` has committed for ``topic``'s ``partitions``
+  (None where it has none)."""
+  consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group,
+                           enable_auto_commit=False)
+  try:
+    return [consumer.committed(TopicPartition(topic, p)) for p in partitions]
+  finally:
+    consumer.close()
