@@ -187,11 +187,11 @@ def main():
                  '--epochs', '1'])
       model_root = os.path.join(tmp.name, 'model')
     suffix = uuid.uuid4().hex[:6]
-    topics = {n: f'soak-{n}-{suffix}'
-              for n in ('in', 'out', 'dlq', 'stats', 'late', 'alerts')}
-    kafka_runner.create_topic(bootstrap, topics['in'], partitions=2)
-    for name in topics:
-      kafka_runner.create_topic(bootstrap, topics[name])
+    outs = ('stats', 'late', 'alerts') if analytics else ('out',)
+    topics = {n: f'soak-{n}-{suffix}' for n in ('in', 'dlq', *outs)}
+    for name, topic in topics.items():
+      kafka_runner.create_topic(bootstrap, topic,
+                                partitions=2 if name == 'in' else 1)
     log_path = os.path.join(tmp.name, 'job.log')
     log = open(log_path, 'w')
     common = ['--bootstrap_servers', bootstrap, '--input_topic', topics['in'],

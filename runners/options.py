@@ -240,17 +240,13 @@ def get_flag(argv: list[str], name: str) -> str | None:
   return argv[i].split('=', 1)[1] if '=' in argv[i] else None
 
 
-def _drop_flag(argv: list[str], name: str) -> list[str]:
-  """argv without any ``--name`` (and its value)."""
+def set_flag(argv: list[str], name: str, value: str) -> list[str]:
+  """argv with every ``--name`` removed and ``--name=value`` appended."""
   drop = set()
   for i, n in _positions(argv, name):
     drop.update(range(i, i + n))
-  return [a for j, a in enumerate(argv) if j not in drop]
-
-
-def set_flag(argv: list[str], name: str, value: str) -> list[str]:
-  """argv with every ``--name`` removed and ``--name=value`` appended."""
-  return _drop_flag(argv, name) + [f'--{name}={value}']
+  return [a for j, a in enumerate(argv) if j not in drop] + [
+      f'--{name}={value}']
 
 
 def set_default(argv: list[str], name: str, value: str) -> list[str]:

@@ -172,17 +172,6 @@ def test_flink_streaming_jobs_checkpoint_into_a_directory_per_job():
                                '/j.jar']), 'checkpointing_interval')
 
 
-def test_latest_checkpoint_is_the_newest_complete_one(tmp_path):
-  from runners.flink import checkpoints
-  assert checkpoints.latest_checkpoint(tmp_path) is None
-  for n, complete in ((3, True), (4, True), (5, False)):
-    chk = tmp_path / 'job-a' / f'chk-{n}'
-    chk.mkdir(parents=True)
-    if complete:  # Flink writes _metadata last
-      (chk / '_metadata').write_bytes(b'x')
-  assert checkpoints.latest_checkpoint(tmp_path) == tmp_path / 'job-a' / 'chk-4'
-
-
 def test_flink_keeps_a_cluster_address_and_environment():
   argv = resolve(['--runner', 'flink', '--flink_master=127.0.0.1:8081',
                   '--environment_type=PROCESS', '--flink_version=1.20',

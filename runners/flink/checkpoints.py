@@ -20,7 +20,7 @@ unless the flags are given:
 * ``--externalized_checkpoints_enabled`` and
   ``--retain_externalized_checkpoints_on_cancellation``: checkpoints outlive
   the job (a crash, a cancel); ``--savepoint_path=<dir>/<job id>/chk-<n>``
-  starts a new job from one (``latest_checkpoint`` finds the newest).
+  starts a new job from one.
 
 What was measured (README, "Reliability"): serving killed with its whole
 process group on Flink loses nothing (the group's offsets are committed
@@ -80,13 +80,3 @@ def job_dir(job: Optional[str]) -> pathlib.Path:
   """The default checkpoint directory of a job name (or group id)."""
   safe = re.sub(r'[^A-Za-z0-9._-]', '_', job or 'default')
   return CHECKPOINT_ROOT / safe
-
-
-def latest_checkpoint(storage: pathlib.Path) -> Optional[pathlib.Path]:
-  """The newest complete checkpoint under ``storage`` (Flink writes
-  ``<job id>/chk-<n>/_metadata`` last), or None."""
-  found = [meta.parent for meta in storage.glob('*/chk-*/_metadata')]
-  if not found:
-    return None
-  return max(found, key=lambda chk: (chk.stat().st_mtime,
-                                     int(chk.name.split('-')[1])))
