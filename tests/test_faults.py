@@ -12,6 +12,9 @@ broker and the default runner (Prism).
 * Serving's whole process group SIGKILLed mid-stream and restarted with the
   same group, on Prism (at-least-once and exactly-once) and on Flink: every
   event predicted, duplicates counted.
+* High availability: a standalone Flink cluster of two TaskManagers loses
+  one mid-stream (SIGKILL); serving and windowed analytics restart from
+  their last checkpoint on the other, losing nothing.
 """
 
 from __future__ import annotations
@@ -358,3 +361,184 @@ def test_serve_killed_mid_stream_and_restarted_loses_nothing(
     assert duplicates == 0
     assert sum(letters.values()) == len(bad)
 
+
+
+def _wait_for(condition, timeout_s: float, what: str, poll_s: float = 1.0):
+  """Polls ``condition()`` until truthy; returns it or fails naming what."""
+  deadline = time.monotonic() + timeout_s
+  while time.monotonic() < deadline:
+    value = condition()
+    if value:
+      return value
+    time.sleep(poll_s)
+  pytest.fail(f'no {what} within {timeout_s:.0f} s')
+
+
+def _running_flink_job(cluster) -> str:
+  """The id of the cluster's running job, once there is one."""
+  return _wait_for(lambda: next(
+      (j['jid'] for j in (cluster.rest('/jobs/overview') or {}).get(
+          'jobs', []) if j['state'] == 'RUNNING'), None), 300,
+      'running Flink job')
+
+
+def _checkpoints(cluster, job_id: str) -> dict:
+  return cluster.rest(f'/jobs/{job_id}/checkpoints') or {}
+
+
+def _lose_a_taskmanager(cluster, job_id: str) -> dict:
+  """Once the job has a completed checkpoint, SIGKILLs the second
+  TaskManager; returns the checkpoint Flink restored the job from."""
+  _wait_for(lambda: _checkpoints(cluster, job_id).get('counts', {}).get(
+      'completed'), 60, 'completed checkpoint')
+  cluster.kill_taskmanager('taskmanager-2')
+  return _wait_for(lambda: (_checkpoints(cluster, job_id).get('latest') or {}
+                            ).get('restored'), 180, 'restore from a checkpoint')
+
+
+def _kill_group(job: subprocess.Popen) -> None:
+  if job.poll() is None:
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+
+
+def test_flink_cluster_loses_a_taskmanager_and_the_job_loses_nothing(
+    kafka_bootstrap, kafka_topic, taxi_model, tmp_path):
+  """High availability: serving on a standalone Flink cluster of two
+  TaskManagers, parallelism 2 over a 4-partition topic; one TaskManager is
+  SIGKILLed mid-stream. Flink restarts the job from its last checkpoint on
+  the surviving TaskManager: every event predicted, duplicates counted, the
+  job running, the restore visible in Flink's checkpoint statistics."""
+  from runners import flink
+  names = {'events': kafka_topic(partitions=4, suffix='events'),
+           'output': kafka_topic(suffix='predictions'),
+           'dlq': kafka_topic(suffix='dlq')}
+  events = replay.load_events(TAXI, 'data/taxi_trips.csv', split='eval',
+                              limit=600)
+  log = open(tmp_path / 'serve.log', 'w')
+  predictions = TopicReader(kafka_bootstrap, names['output'])
+  with flink.FlinkCluster(taskmanagers=2, slots=2) as cluster:
+    job = _serve(kafka_bootstrap, names, taxi_model, log,
+                 '--runner', 'flink', '--flink_master', cluster.address,
+                 '--parallelism', '2', '--checkpointing_interval', '5000',
+                 '--state_backend_storage_path', (tmp_path / 'ckpt').as_uri())
+    flowing = threading.Thread(target=replay.replay, args=(
+        TAXI, events, names['events'], kafka_bootstrap), kwargs={'rate': 10})
+    try:
+      job_id = _running_flink_job(cluster)
+      flowing.start()
+      predictions.until(100, 300)
+      # The job's slots on both machines: losing one loses part of the job.
+      slots = cluster.taskmanager_slots()
+      assert len(slots) == 2 and all(s['free'] < s['slots']
+                                     for s in slots.values()), slots
+      restored = _lose_a_taskmanager(cluster, job_id)
+      before = len(predictions.items)
+      flowing.join(timeout=120)
+      predictions.until(len(events), 300)
+      predictions.until(10**9, 15)  # duplicates, if any, keep coming
+      state = (cluster.rest(f'/jobs/{job_id}') or {}).get('state')
+      running = job.poll() is None
+    finally:
+      _kill_group(job)
+      predictions.close()
+      log.close()
+  got = collections.Counter(p['event_id'] for p in predictions.items)
+  lost = {eid for eid, _ in events} - set(got)
+  duplicates = sum(got.values()) - len(got)
+  print(f'Flink HA (2 TaskManagers, one SIGKILLed; job restored from '
+        f'checkpoint {restored.get("id")} with {before} predictions out): '
+        f'{len(got)} of {len(events)} events predicted, {len(lost)} lost, '
+        f'{duplicates} duplicates; job {state}')
+  assert running, (tmp_path / 'serve.log').read_text()[-3000:]
+  assert state == 'RUNNING'
+  assert not lost
+
+
+def _send_live(bootstrap: str, topic: str, events, rate: float,
+               sent: list) -> None:
+  """Sends the events at ``rate``/s, each stamped with the time it is sent
+  (a live stream: the event happens now); appends each id to ``sent``."""
+  producer = KafkaProducer(bootstrap_servers=bootstrap, acks='all',
+                           linger_ms=5)
+  started = time.monotonic()
+  for i, (eid, event) in enumerate(events):
+    time.sleep(max(0.0, started + i / rate - time.monotonic()))  # the pace
+    event = {**event, TAXI.event_time.field: int(time.time())}
+    producer.send(topic, key=eid.encode(), value=json.dumps(event).encode())
+    sent.append(eid)
+  producer.flush()
+  producer.close()
+
+
+def test_flink_cluster_loses_a_taskmanager_and_analytics_loses_nothing(
+    kafka_bootstrap, kafka_topic, tmp_path):
+  """The same for windowed analytics: window contents live in Flink state,
+  checkpointed, restored on the surviving TaskManager. Every event is
+  counted once in its window's last pane (accumulating) or is late."""
+  from runners import flink
+  names = {'events': kafka_topic(partitions=4, suffix='events'),
+           'stats': kafka_topic(suffix='stats'),
+           'late': kafka_topic(suffix='late'),
+           'dlq': kafka_topic(suffix='dlq')}
+  events = replay.load_events(TAXI, 'data/taxi_trips.csv', split='eval',
+                              limit=300)
+  log = open(tmp_path / 'analytics.log', 'w')
+  stats = TopicReader(kafka_bootstrap, names['stats'])
+  late = TopicReader(kafka_bootstrap, names['late'])
+
+  def counted(rows):
+    """Events in the newest pane of every (key, window): accumulating."""
+    newest = {}
+    for row in rows:
+      if row.get('type') != 'window_stats':
+        continue
+      window = (row['key'], row['window_start_s'])
+      if row['pane_index'] >= newest.get(window, (-1, 0))[0]:
+        newest[window] = (row['pane_index'], row['count'])
+    return sum(count for _, count in newest.values())
+
+  with flink.FlinkCluster(taskmanagers=2, slots=2) as cluster:
+    job = subprocess.Popen(
+        [sys.executable, '-m', 'pipelines.analytics',
+         '--bootstrap_servers', kafka_bootstrap,
+         '--input_topic', names['events'], '--output_topic', names['stats'],
+         '--late_topic', names['late'], '--dead_letter_topic', names['dlq'],
+         '--alerts_topic', kafka_topic(suffix='alerts'),
+         '--group_id', names['events'], '--runner', 'flink',
+         '--flink_master', cluster.address, '--parallelism', '2',
+         '--checkpointing_interval', '5000',
+         '--state_backend_storage_path', (tmp_path / 'ckpt').as_uri(),
+         '--window', 'fixed', '--size', '10', '--allowed_lateness', '0',
+         '--accumulation', 'accumulating'],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    sent = []
+    flowing = threading.Thread(target=_send_live, args=(
+        kafka_bootstrap, names['events'], events, 10, sent))
+    try:
+      job_id = _running_flink_job(cluster)
+      flowing.start()
+      # Mid-stream: part of the events sent, windows open in Flink state.
+      _wait_for(lambda: len(sent) >= 120, 60, '120 events sent', 0.2)
+      restored = _lose_a_taskmanager(cluster, job_id)
+      flowing.join(timeout=120)
+      deadline = time.monotonic() + 600
+      while (counted(stats.items) + len(late.items) < len(events)
+             and time.monotonic() < deadline):
+        stats.until(10**9, 5)
+        late.until(10**9, 1)
+      stats.until(10**9, 15)  # re-fired panes, if any, keep coming
+      state = (cluster.rest(f'/jobs/{job_id}') or {}).get('state')
+      running = job.poll() is None
+    finally:
+      _kill_group(job)
+      stats.close()
+      late.close()
+      log.close()
+  total = counted(stats.items) + len(late.items)
+  print(f'Flink HA analytics (restored checkpoint {restored.get("id")}): '
+        f'{counted(stats.items)} events in windows + {len(late.items)} late '
+        f'of {len(events)} sent; job {state}')
+  assert running, (tmp_path / 'analytics.log').read_text()[-3000:]
+  assert state == 'RUNNING'
+  assert total == len(events)

@@ -18,7 +18,7 @@ properties are the one declaration of the versions) into
   submitted to a cluster.
 * Flink's own runtime jars (``1.19.0/lib/``), enough to run a real standalone
   session cluster of the same Flink release: a JobManager
-  (``StandaloneSessionClusterEntrypoint``) and one TaskManager
+  (``StandaloneSessionClusterEntrypoint``) and one or more TaskManagers
   (``TaskManagerRunner``) as plain ``java -cp`` processes on 127.0.0.1 with
   free ports and a legacy ``flink-conf.yaml`` (what Flink 1.19 reads first),
   sized by Flink's own ``BashJavaUtils`` exactly as ``bin/start-cluster.sh``
@@ -311,8 +311,6 @@ jobmanager.bind-host: {HOST}
 jobmanager.memory.process.size: {jm_memory}
 taskmanager.host: {HOST}
 taskmanager.bind-host: {HOST}
-taskmanager.rpc.port: {ports['tm_rpc']}
-taskmanager.data.port: {ports['tm_data']}
 taskmanager.numberOfTaskSlots: {slots}
 taskmanager.memory.process.size: {tm_memory}
 rest.address: {HOST}
@@ -321,6 +319,12 @@ rest.port: {ports['rest']}
 blob.server.port: {ports['blob']}
 parallelism.default: 1
 io.tmp.dirs: {work_dir / 'tmp'}
+# Several TaskManagers: spread a job's slots over them (so losing one loses
+# part of every job, and the rest can take it over), and notice a lost one
+# in seconds rather than the default 50.
+cluster.evenly-spread-out-slots: true
+heartbeat.interval: 2000
+heartbeat.timeout: 10000
 """
 
 
@@ -336,34 +340,44 @@ appender.main.layout.pattern = %d{yyyy-MM-dd HH:mm:ss,SSS} %-5p %-60c %x - %m%n
 
 
 class FlinkCluster:
-  """A standalone Flink session cluster: one JobManager, one TaskManager.
+  """A standalone Flink session cluster: one JobManager, N TaskManagers.
 
   Attributes:
     address: ``127.0.0.1:<rest port>``, what ``--flink_master`` takes.
+    pids: process id per process name (``jobmanager``, ``taskmanager``,
+      ``taskmanager-2``...); each leads its own process group.
   """
 
   def __init__(self, work_dir: str | os.PathLike | None = None,
                slots: int = 2, jm_memory: str = '768m',
-               tm_memory: str = '1280m', keep: bool = False):
+               tm_memory: str = '1280m', keep: bool = False,
+               taskmanagers: int = 1):
     """Configures (does not start) a cluster.
 
     Args:
       work_dir: config, logs and temp files; default a new temp directory,
         removed on stop.
-      slots: task slots of the TaskManager (parallel subtasks).
+      slots: task slots of each TaskManager (parallel subtasks).
       jm_memory: JobManager process size (``jobmanager.memory.process.size``).
       tm_memory: TaskManager process size (``taskmanager.memory.process.size``).
       keep: leave the processes running when the context exits
         (``python -m runners.flink up``).
+      taskmanagers: how many TaskManagers to start (high availability of a
+        job's tasks: with two, one can die and the job restarts from its
+        last checkpoint on the other).
     """
+    if taskmanagers < 1:
+      raise ValueError('a cluster needs at least one TaskManager')
     self._own_dir = work_dir is None
     self.work_dir = pathlib.Path(
         work_dir or tempfile.mkdtemp(prefix='rtml-flink-')).resolve()
     self.slots, self.jm_memory, self.tm_memory = slots, jm_memory, tm_memory
     self.keep = keep
+    self.taskmanagers = taskmanagers
     self.ports: dict[str, int] = {}
     self.pids: dict[str, int] = {}
     self._procs: dict[str, subprocess.Popen] = {}
+    self._started_tms = 0
 
   @property
   def address(self) -> str:
@@ -395,9 +409,12 @@ class FlinkCluster:
           f'{out.stderr[-2000:]}')
     return results[-2].split(), results[-1].split()
 
-  def _spawn(self, java: str, name: str, main_class: str) -> None:
+  def _spawn(self, java: str, name: str, main_class: str,
+             settings: dict[str, Any] | None = None) -> None:
     which = 'JM' if name == 'jobmanager' else 'TM'
     jvm, dynamic = self._resource_params(java, which)
+    for key, value in (settings or {}).items():
+      dynamic += ['-D', f'{key}={value}']
     log_dir = self.work_dir / 'log'
     cmd = ([java] + jvm + list(JAVA_FLAGS) +
            [f'-Dlog.file={log_dir / (name + ".log")}',
@@ -412,13 +429,18 @@ class FlinkCluster:
     self._procs[name] = proc
     self.pids[name] = proc.pid
 
-  def _overview(self) -> dict[str, Any] | None:
+  def rest(self, path: str, timeout: float = 5.0) -> Any:
+    """GET ``path`` of the REST API (``/overview``, ``/jobs/overview``,
+    ``/jobs/<id>/checkpoints``...) as JSON; None if it does not answer."""
     try:
-      with urllib.request.urlopen(f'http://{self.address}/overview',
-                                  timeout=2) as resp:
+      with urllib.request.urlopen(f'http://{self.address}{path}',
+                                  timeout=timeout) as resp:
         return json.load(resp)
     except (urllib.error.URLError, OSError, ValueError):
       return None
+
+  def _overview(self) -> dict[str, Any] | None:
+    return self.rest('/overview', timeout=2)
 
   def _wait(self, ready, what: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
@@ -435,13 +457,12 @@ class FlinkCluster:
         f'Flink: no {what} after {timeout:.0f}s; see {self.work_dir / "log"}')
 
   def start(self, timeout: float = 120.0) -> 'FlinkCluster':
-    """Starts the JobManager, then the TaskManager; waits for its slots."""
+    """Starts the JobManager, then the TaskManagers; waits for their slots."""
     java = require_tool('java', 'run Apache Flink')
     self._classpath()  # fetch before the clock starts
     for sub in ('conf', 'log', 'tmp'):
       (self.work_dir / sub).mkdir(parents=True, exist_ok=True)
-    self.ports = {k: free_port() for k in
-                  ('rest', 'jm_rpc', 'blob', 'tm_rpc', 'tm_data')}
+    self.ports = {k: free_port() for k in ('rest', 'jm_rpc', 'blob')}
     # Flink 1.19 would read a config.yaml only without a flink-conf.yaml;
     # remove one a Flink 2 cluster left in a reused work dir all the same.
     (self.work_dir / 'conf' / 'config.yaml').unlink(missing_ok=True)
@@ -456,19 +477,53 @@ class FlinkCluster:
                   'StandaloneSessionClusterEntrypoint')
       self._wait(lambda: self._overview() is not None, 'REST endpoint',
                  timeout)
-      self._spawn(java, 'taskmanager',
-                  'org.apache.flink.runtime.taskexecutor.TaskManagerRunner')
-      # Registered is not ready: its slots are reported a moment later, and
-      # a job submitted before then waits for resources.
-      self._wait(lambda: (self._overview() or {}).get('slots-total', 0)
-                 >= self.slots, f'TaskManager with {self.slots} slots',
-                 timeout)
+      for _ in range(self.taskmanagers):
+        self.add_taskmanager(timeout)
     except BaseException:
       self.stop()
       raise
-    _LOGGER.info('Flink %s up at %s in %.1fs', versions().flink, self.address,
-                 time.monotonic() - started)
+    _LOGGER.info('Flink %s up at %s in %.1fs (%d TaskManagers)',
+                 versions().flink, self.address, time.monotonic() - started,
+                 self.taskmanagers)
     return self
+
+  def add_taskmanager(self, timeout: float = 120.0) -> str:
+    """Starts one more TaskManager (e.g. to replace a dead one); waits for
+    its slots; returns its name (``taskmanager``, ``taskmanager-2``...)."""
+    java = require_tool('java', 'run Apache Flink')
+    self._started_tms += 1
+    n = self._started_tms
+    name = 'taskmanager' if n == 1 else f'taskmanager-{n}'
+    # Each TaskManager its own ports and id, all with the one config file.
+    self._spawn(java, name,
+                'org.apache.flink.runtime.taskexecutor.TaskManagerRunner',
+                {'taskmanager.rpc.port': free_port(),
+                 'taskmanager.data.port': free_port(),
+                 'taskmanager.resource-id': name})
+    expected = self.slots * len(self.taskmanager_names())
+    # Registered is not ready: its slots are reported a moment later, and
+    # a job submitted before then waits for resources.
+    self._wait(lambda: (self._overview() or {}).get('slots-total', 0)
+               >= expected, f'{name} with {self.slots} slots', timeout)
+    return name
+
+  def taskmanager_names(self) -> list[str]:
+    """The TaskManagers started and not killed, in start order."""
+    return [name for name in self.pids if name.startswith('taskmanager')]
+
+  def kill_taskmanager(self, name: str) -> None:
+    """SIGKILLs a TaskManager's process group: a machine lost."""
+    pid = self.pids.pop(name)
+    proc = self._procs.pop(name, None)
+    os.killpg(pid, signal.SIGKILL)
+    if proc is not None:
+      proc.wait()
+
+  def taskmanager_slots(self) -> dict[str, dict[str, int]]:
+    """Per live TaskManager id: ``{'slots': n, 'free': n}`` (REST)."""
+    listing = self.rest('/taskmanagers') or {}
+    return {tm['id']: {'slots': tm['slotsNumber'], 'free': tm['freeSlots']}
+            for tm in listing.get('taskmanagers', [])}
 
   def check(self, n: int = 1000) -> int:
     """Runs a tiny DataStream job on the cluster; returns its result.
@@ -487,8 +542,9 @@ class FlinkCluster:
     return self._overview()
 
   def stop(self, timeout: float = 20.0) -> None:
-    """Ends both processes (TERM, then KILL) and removes a temp work dir."""
-    for name in ('taskmanager', 'jobmanager'):
+    """Ends every process (TERM, then KILL), TaskManagers first, and
+    removes a temp work dir."""
+    for name in self.taskmanager_names() + ['jobmanager']:
       pid = self.pids.pop(name, None)
       if pid is not None:
         _terminate(pid, timeout)
@@ -569,12 +625,13 @@ def read_state() -> dict[str, Any] | None:
   return state
 
 
-def up() -> dict[str, Any]:
+def up(taskmanagers: int = 1) -> dict[str, Any]:
   """Starts the dev cluster (or finds it running); returns its state."""
   state = read_state()
   if state:
     return state
-  cluster = FlinkCluster(work_dir=RUN_DIR / 'flink', keep=True).start()
+  cluster = FlinkCluster(work_dir=RUN_DIR / 'flink', keep=True,
+                         taskmanagers=taskmanagers).start()
   state = cluster.state()
   STATE_FILE.parent.mkdir(parents=True, exist_ok=True)
   STATE_FILE.write_text(json.dumps(state, indent=2))
@@ -587,9 +644,9 @@ def down() -> bool:
   if not state:
     return False
   pids = state['pids']
-  for pid in (pids.get('taskmanager'), pids.get('jobmanager')):
-    if pid:
-      _terminate(pid, 20.0)
+  # TaskManagers first, then the JobManager.
+  for name in sorted(pids, key=lambda n: n == 'jobmanager'):
+    _terminate(pids[name], 20.0)
   STATE_FILE.unlink(missing_ok=True)
   return True
 

@@ -1,6 +1,7 @@
 """``python -m runners.flink up|down|status|fetch``: a local Flink cluster.
 
-``up`` starts a standalone session cluster (one JobManager, one TaskManager,
+``up`` starts a standalone session cluster (one JobManager, one TaskManager
+or ``--taskmanagers N``,
 fetching the pinned Flink jars on first use) in the background and prints its
 REST address on stdout, so a shell can hand it to a pipeline::
 
@@ -31,7 +32,10 @@ def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog='python -m runners.flink', description=__doc__.split('\n')[0])
   sub = parser.add_subparsers(dest='command', required=True)
-  sub.add_parser('up', help='start the cluster; print its REST address')
+  up = sub.add_parser('up', help='start the cluster; print its REST address')
+  up.add_argument('--taskmanagers', type=int, default=1,
+                  help='TaskManagers to start (2 or more: a job survives '
+                  'losing one)')
   sub.add_parser('down', help='stop the cluster')
   sub.add_parser('status', help='print the cluster state as JSON')
   sub.add_parser('check', help='run a tiny Flink job on the running cluster')
@@ -43,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
                       format='%(levelname)s %(message)s')
   try:
     if args.command == 'up':
-      state = flink.up()
+      state = flink.up(args.taskmanagers)
       print(f"Flink {state['flink_version']} up at {state['address']}: "
             f"pids {state['pids']}, logs {state['work_dir']}/log",
             file=sys.stderr)
