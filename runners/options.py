@@ -63,6 +63,7 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Callable
 
@@ -72,6 +73,7 @@ ALIASES = ('direct', 'prism', 'flink', 'dataflow')
 EMBEDDED_STREAMING_RUNNER = 'prism'
 OFFLINE_DATAFLOW_RUNNER = 'runners.dataflow.OfflineDataflowRunner'
 # Beam's check for a GCS path (PipelineOptionsValidator.GCS_URI/GCS_BUCKET).
+_LOGGER = logging.getLogger(__name__)
 _GCS_PATH = re.compile(r'^gs://[a-z0-9][-_a-z0-9.]+[a-z0-9](/.*)?$')
 _FALSE = ('', '0', 'false', 'no', 'off')
 
@@ -140,6 +142,8 @@ def _flink(argv: list[str], streaming: bool = False) -> list[str]:
     argv = _flink_checkpoints(argv)
   argv = set_default(argv, 'flink_version', flink.versions().flink_minor)
   argv = set_default(argv, 'flink_master', '[local]')
+  if streaming:
+    argv = _flink_restore(argv)
   argv = set_default(argv, 'environment_type', 'LOOPBACK')
   if not has_flag(argv, 'flink_job_server_jar'):
     jar = flink.ensure_job_server_jar(get_flag(argv, 'flink_version'))
@@ -164,6 +168,30 @@ def _flink_checkpoints(argv: list[str]) -> list[str]:
                'retain_externalized_checkpoints_on_cancellation'):
     if not has_flag(argv, name):
       argv = argv + [f'--{name}']
+  return argv
+
+
+def _flink_restore(argv: list[str]) -> list[str]:
+  """``--savepoint_path``: ``latest`` resolved to the job's newest complete
+  checkpoint, and made to work on the embedded cluster
+  (``runners.flink.checkpoints``)."""
+  from runners.flink import checkpoints
+  savepoint = get_flag(argv, 'savepoint_path')
+  if savepoint == checkpoints.LATEST:
+    storage = get_flag(argv, 'state_backend_storage_path')
+    savepoint = checkpoints.latest_checkpoint(storage) if storage else None
+    argv = _drop(argv, 'savepoint_path')
+    if savepoint is None:
+      _LOGGER.info('--savepoint_path=latest: no complete checkpoint under %s '
+                   'yet; starting afresh', storage)
+      return argv
+    _LOGGER.info('Restoring the job from its newest checkpoint %s', savepoint)
+    argv = argv + [f'--savepoint_path={savepoint}']
+  if savepoint and get_flag(argv, 'flink_master') == '[local]':
+    job = get_flag(argv, 'job_name') or get_flag(argv, 'group_id')
+    conf = checkpoints.local_restore_conf(savepoint, job,
+                                          get_flag(argv, 'flink_conf_dir'))
+    argv = set_flag(argv, 'flink_conf_dir', str(conf))
   return argv
 
 
@@ -242,11 +270,15 @@ def get_flag(argv: list[str], name: str) -> str | None:
 
 def set_flag(argv: list[str], name: str, value: str) -> list[str]:
   """argv with every ``--name`` removed and ``--name=value`` appended."""
+  return _drop(argv, name) + [f'--{name}={value}']
+
+
+def _drop(argv: list[str], name: str) -> list[str]:
+  """argv without ``--name`` (and its value)."""
   drop = set()
   for i, n in _positions(argv, name):
     drop.update(range(i, i + n))
-  return [a for j, a in enumerate(argv) if j not in drop] + [
-      f'--{name}={value}']
+  return [a for j, a in enumerate(argv) if j not in drop]
 
 
 def set_default(argv: list[str], name: str, value: str) -> list[str]:

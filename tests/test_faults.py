@@ -471,47 +471,71 @@ def _send_live(bootstrap: str, topic: str, events, rate: float,
   producer.close()
 
 
+def _analytics_topics(kafka_topic, partitions: int) -> dict[str, str]:
+  return {'events': kafka_topic(partitions=partitions, suffix='events'),
+          **{name: kafka_topic(suffix=name)
+             for name in ('stats', 'late', 'alerts', 'dlq')}}
+
+
+def _analytics(kafka_bootstrap, names, tmp_path, log, *extra):
+  """``python -m pipelines.analytics`` on Flink in its own process group:
+  10 s windows closing at the watermark, accumulating panes, checkpoints
+  every 5 s into ``tmp_path/ckpt``."""
+  return subprocess.Popen(
+      [sys.executable, '-m', 'pipelines.analytics',
+       '--bootstrap_servers', kafka_bootstrap,
+       '--input_topic', names['events'], '--output_topic', names['stats'],
+       '--late_topic', names['late'], '--dead_letter_topic', names['dlq'],
+       '--alerts_topic', names['alerts'], '--group_id', names['events'],
+       '--runner', 'flink', '--checkpointing_interval', '5000',
+       '--state_backend_storage_path', (tmp_path / 'ckpt').as_uri(),
+       '--window', 'fixed', '--size', '10', '--allowed_lateness', '0',
+       '--accumulation', 'accumulating', *extra],
+      stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _counted(rows) -> int:
+  """Events in the newest pane of every (key, window): accumulating panes,
+  so a pane fired again after a restore is not counted twice."""
+  newest = {}
+  for row in rows:
+    if row.get('type') != 'window_stats':
+      continue
+    window = (row['key'], row['window_start_s'])
+    if row['pane_index'] >= newest.get(window, (-1, 0))[0]:
+      newest[window] = (row['pane_index'], row['count'])
+  return sum(count for _, count in newest.values())
+
+
+def _until_counted(stats: TopicReader, late: TopicReader, n: int,
+                   timeout_s: float) -> int:
+  """Reads stats and late rows until ``n`` events are accounted for (or the
+  timeout), then a while longer for re-fired panes; returns the count."""
+  deadline = time.monotonic() + timeout_s
+  while (_counted(stats.items) + len(late.items) < n
+         and time.monotonic() < deadline):
+    stats.until(10**9, 5)
+    late.until(10**9, 1)
+  stats.until(10**9, 15)
+  return _counted(stats.items) + len(late.items)
+
+
 def test_flink_cluster_loses_a_taskmanager_and_analytics_loses_nothing(
     kafka_bootstrap, kafka_topic, tmp_path):
   """The same for windowed analytics: window contents live in Flink state,
   checkpointed, restored on the surviving TaskManager. Every event is
   counted once in its window's last pane (accumulating) or is late."""
   from runners import flink
-  names = {'events': kafka_topic(partitions=4, suffix='events'),
-           'stats': kafka_topic(suffix='stats'),
-           'late': kafka_topic(suffix='late'),
-           'dlq': kafka_topic(suffix='dlq')}
+  names = _analytics_topics(kafka_topic, partitions=4)
   events = replay.load_events(TAXI, 'data/taxi_trips.csv', split='eval',
                               limit=300)
   log = open(tmp_path / 'analytics.log', 'w')
   stats = TopicReader(kafka_bootstrap, names['stats'])
   late = TopicReader(kafka_bootstrap, names['late'])
 
-  def counted(rows):
-    """Events in the newest pane of every (key, window): accumulating."""
-    newest = {}
-    for row in rows:
-      if row.get('type') != 'window_stats':
-        continue
-      window = (row['key'], row['window_start_s'])
-      if row['pane_index'] >= newest.get(window, (-1, 0))[0]:
-        newest[window] = (row['pane_index'], row['count'])
-    return sum(count for _, count in newest.values())
-
   with flink.FlinkCluster(taskmanagers=2, slots=2) as cluster:
-    job = subprocess.Popen(
-        [sys.executable, '-m', 'pipelines.analytics',
-         '--bootstrap_servers', kafka_bootstrap,
-         '--input_topic', names['events'], '--output_topic', names['stats'],
-         '--late_topic', names['late'], '--dead_letter_topic', names['dlq'],
-         '--alerts_topic', kafka_topic(suffix='alerts'),
-         '--group_id', names['events'], '--runner', 'flink',
-         '--flink_master', cluster.address, '--parallelism', '2',
-         '--checkpointing_interval', '5000',
-         '--state_backend_storage_path', (tmp_path / 'ckpt').as_uri(),
-         '--window', 'fixed', '--size', '10', '--allowed_lateness', '0',
-         '--accumulation', 'accumulating'],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    job = _analytics(kafka_bootstrap, names, tmp_path, log,
+                     '--flink_master', cluster.address, '--parallelism', '2')
     sent = []
     flowing = threading.Thread(target=_send_live, args=(
         kafka_bootstrap, names['events'], events, 10, sent))
@@ -522,12 +546,7 @@ def test_flink_cluster_loses_a_taskmanager_and_analytics_loses_nothing(
       _wait_for(lambda: len(sent) >= 120, 60, '120 events sent', 0.2)
       restored = _lose_a_taskmanager(cluster, job_id)
       flowing.join(timeout=120)
-      deadline = time.monotonic() + 600
-      while (counted(stats.items) + len(late.items) < len(events)
-             and time.monotonic() < deadline):
-        stats.until(10**9, 5)
-        late.until(10**9, 1)
-      stats.until(10**9, 15)  # re-fired panes, if any, keep coming
+      total = _until_counted(stats, late, len(events), 600)
       state = (cluster.rest(f'/jobs/{job_id}') or {}).get('state')
       running = job.poll() is None
     finally:
@@ -535,10 +554,51 @@ def test_flink_cluster_loses_a_taskmanager_and_analytics_loses_nothing(
       stats.close()
       late.close()
       log.close()
-  total = counted(stats.items) + len(late.items)
   print(f'Flink HA analytics (restored checkpoint {restored.get("id")}): '
-        f'{counted(stats.items)} events in windows + {len(late.items)} late '
+        f'{_counted(stats.items)} events in windows + {len(late.items)} late '
         f'of {len(events)} sent; job {state}')
   assert running, (tmp_path / 'analytics.log').read_text()[-3000:]
   assert state == 'RUNNING'
+  assert total == len(events)
+
+
+def test_analytics_on_flink_killed_and_restored_from_its_checkpoint(
+    kafka_bootstrap, kafka_topic, tmp_path):
+  """Windowed analytics on embedded Flink, its whole process group
+  SIGKILLed mid-stream with windows open, started again with
+  ``--savepoint_path latest``: the windows' contents come back from the
+  newest complete checkpoint and every event is counted once."""
+  from runners.flink import checkpoints
+  names = _analytics_topics(kafka_topic, partitions=2)
+  events = replay.load_events(TAXI, 'data/taxi_trips.csv', split='eval',
+                              limit=300)
+  log = open(tmp_path / 'analytics.log', 'w')
+  stats = TopicReader(kafka_bootstrap, names['stats'])
+  late = TopicReader(kafka_bootstrap, names['late'])
+  storage = (tmp_path / 'ckpt').as_uri()
+  job = _analytics(kafka_bootstrap, names, tmp_path, log)
+  sent = []
+  flowing = threading.Thread(target=_send_live, args=(
+      kafka_bootstrap, names['events'], events, 10, sent))
+  try:
+    flowing.start()
+    _wait_for(lambda: len(sent) >= 150 and checkpoints.latest_checkpoint(
+        storage), 300, 'a checkpoint with 150 events sent', 0.5)
+    _kill_group(job)
+    before = _counted(stats.until(10**9, 2)) + len(late.items)
+    assert before < len(events)  # killed with events in open windows
+    job = _analytics(kafka_bootstrap, names, tmp_path, log,
+                     '--savepoint_path', 'latest')
+    flowing.join(timeout=120)
+    total = _until_counted(stats, late, len(events), 600)
+    running = job.poll() is None
+  finally:
+    _kill_group(job)
+    stats.close()
+    late.close()
+    log.close()
+  print(f'analytics on Flink, SIGKILL and --savepoint_path latest: '
+        f'{before} counted before the kill, {total} of {len(events)} after '
+        f'the restore')
+  assert running, (tmp_path / 'analytics.log').read_text()[-3000:]
   assert total == len(events)

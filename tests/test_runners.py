@@ -172,6 +172,33 @@ def test_flink_streaming_jobs_checkpoint_into_a_directory_per_job():
                                '/j.jar']), 'checkpointing_interval')
 
 
+def test_flink_restores_the_newest_complete_checkpoint(tmp_path, monkeypatch):
+  from runners.flink import checkpoints
+  monkeypatch.setattr(checkpoints, 'RUN_DIR', tmp_path / 'run')
+  storage = tmp_path / 'ckpt'
+  for name, complete in (('chk-3', True), ('chk-4', False)):
+    (storage / 'a1b2' / name).mkdir(parents=True)
+    if complete:  # chk-4 is still being written: no _metadata yet
+      (storage / 'a1b2' / name / '_metadata').write_bytes(b'x')
+  flags = ['--runner', 'flink', '--flink_job_server_jar', '/j.jar',
+           '--group_id', 'g', '--state_backend_storage_path',
+           storage.as_uri(), '--savepoint_path', 'latest']
+  argv = resolve(flags, streaming=True)
+  restored = (storage / 'a1b2' / 'chk-3').as_uri()
+  assert get_flag(argv, 'savepoint_path') == restored
+  # The embedded cluster ignores --savepoint_path: a Flink conf says it.
+  conf = pathlib.Path(get_flag(argv, 'flink_conf_dir')) / 'flink-conf.yaml'
+  assert conf.read_text() == f'execution.savepoint.path: {restored}\n'
+  # A cluster takes --savepoint_path itself.
+  argv = resolve(flags + ['--flink_master', 'h:8081'], streaming=True)
+  assert get_flag(argv, 'savepoint_path') == restored
+  assert not has_flag(argv, 'flink_conf_dir')
+  # Nothing to restore yet: a fresh start.
+  argv = resolve(flags[:-3] + [(tmp_path / 'none').as_uri(),
+                               '--savepoint_path', 'latest'], streaming=True)
+  assert not has_flag(argv, 'savepoint_path')
+
+
 def test_flink_keeps_a_cluster_address_and_environment():
   argv = resolve(['--runner', 'flink', '--flink_master=127.0.0.1:8081',
                   '--environment_type=PROCESS', '--flink_version=1.20',
