@@ -49,8 +49,9 @@ train: install
 	$(PY) -m pipelines.train --problem $(PROBLEM) \
 	  $(if $(DATA),--input $(DATA)) --output_dir $(RUN_DIR)/train/$(PROBLEM)
 
+# --durations: the slowest tests, so the suite's time stays visible.
 test: install prism
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	$(PY) -m pytest tests --durations=15 $(PYTEST_ARGS)
 
 # The fast tier: no broker, no runner service, no model training (seconds).
 test-unit: install

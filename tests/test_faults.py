@@ -374,85 +374,25 @@ def _wait_for(condition, timeout_s: float, what: str, poll_s: float = 1.0):
   pytest.fail(f'no {what} within {timeout_s:.0f} s')
 
 
-def _running_flink_job(cluster) -> str:
-  """The id of the cluster's running job, once there is one."""
-  return _wait_for(lambda: next(
-      (j['jid'] for j in (cluster.rest('/jobs/overview') or {}).get(
-          'jobs', []) if j['state'] == 'RUNNING'), None), 300,
-      'running Flink job')
+def _running_flink_jobs(cluster, n: int) -> list[str]:
+  """The ids of the cluster's running jobs, once there are ``n``."""
+
+  def running():
+    jobs = (cluster.rest('/jobs/overview') or {}).get('jobs', [])
+    ids = [j['jid'] for j in jobs if j['state'] == 'RUNNING']
+    return ids if len(ids) >= n else None
+
+  return _wait_for(running, 300, f'{n} running Flink jobs')
 
 
 def _checkpoints(cluster, job_id: str) -> dict:
   return cluster.rest(f'/jobs/{job_id}/checkpoints') or {}
 
 
-def _lose_a_taskmanager(cluster, job_id: str) -> dict:
-  """Once the job has a completed checkpoint, SIGKILLs the second
-  TaskManager; returns the checkpoint Flink restored the job from."""
-  _wait_for(lambda: _checkpoints(cluster, job_id).get('counts', {}).get(
-      'completed'), 60, 'completed checkpoint')
-  cluster.kill_taskmanager('taskmanager-2')
-  return _wait_for(lambda: (_checkpoints(cluster, job_id).get('latest') or {}
-                            ).get('restored'), 180, 'restore from a checkpoint')
-
-
 def _kill_group(job: subprocess.Popen) -> None:
   if job.poll() is None:
     os.killpg(job.pid, signal.SIGKILL)
     job.wait()
-
-
-def test_flink_cluster_loses_a_taskmanager_and_the_job_loses_nothing(
-    kafka_bootstrap, kafka_topic, taxi_model, tmp_path):
-  """High availability: serving on a standalone Flink cluster of two
-  TaskManagers, parallelism 2 over a 4-partition topic; one TaskManager is
-  SIGKILLed mid-stream. Flink restarts the job from its last checkpoint on
-  the surviving TaskManager: every event predicted, duplicates counted, the
-  job running, the restore visible in Flink's checkpoint statistics."""
-  from runners import flink
-  names = {'events': kafka_topic(partitions=4, suffix='events'),
-           'output': kafka_topic(suffix='predictions'),
-           'dlq': kafka_topic(suffix='dlq')}
-  events = replay.load_events(TAXI, 'data/taxi_trips.csv', split='eval',
-                              limit=600)
-  log = open(tmp_path / 'serve.log', 'w')
-  predictions = TopicReader(kafka_bootstrap, names['output'])
-  with flink.FlinkCluster(taskmanagers=2, slots=2) as cluster:
-    job = _serve(kafka_bootstrap, names, taxi_model, log,
-                 '--runner', 'flink', '--flink_master', cluster.address,
-                 '--parallelism', '2', '--checkpointing_interval', '5000',
-                 '--state_backend_storage_path', (tmp_path / 'ckpt').as_uri())
-    flowing = threading.Thread(target=replay.replay, args=(
-        TAXI, events, names['events'], kafka_bootstrap), kwargs={'rate': 10})
-    try:
-      job_id = _running_flink_job(cluster)
-      flowing.start()
-      predictions.until(100, 300)
-      # The job's slots on both machines: losing one loses part of the job.
-      slots = cluster.taskmanager_slots()
-      assert len(slots) == 2 and all(s['free'] < s['slots']
-                                     for s in slots.values()), slots
-      restored = _lose_a_taskmanager(cluster, job_id)
-      before = len(predictions.items)
-      flowing.join(timeout=120)
-      predictions.until(len(events), 300)
-      predictions.until(10**9, 15)  # duplicates, if any, keep coming
-      state = (cluster.rest(f'/jobs/{job_id}') or {}).get('state')
-      running = job.poll() is None
-    finally:
-      _kill_group(job)
-      predictions.close()
-      log.close()
-  got = collections.Counter(p['event_id'] for p in predictions.items)
-  lost = {eid for eid, _ in events} - set(got)
-  duplicates = sum(got.values()) - len(got)
-  print(f'Flink HA (2 TaskManagers, one SIGKILLed; job restored from '
-        f'checkpoint {restored.get("id")} with {before} predictions out): '
-        f'{len(got)} of {len(events)} events predicted, {len(lost)} lost, '
-        f'{duplicates} duplicates; job {state}')
-  assert running, (tmp_path / 'serve.log').read_text()[-3000:]
-  assert state == 'RUNNING'
-  assert not lost
 
 
 def _send_live(bootstrap: str, topic: str, events, rate: float,
@@ -520,48 +460,6 @@ def _until_counted(stats: TopicReader, late: TopicReader, n: int,
   return _counted(stats.items) + len(late.items)
 
 
-def test_flink_cluster_loses_a_taskmanager_and_analytics_loses_nothing(
-    kafka_bootstrap, kafka_topic, tmp_path):
-  """The same for windowed analytics: window contents live in Flink state,
-  checkpointed, restored on the surviving TaskManager. Every event is
-  counted once in its window's last pane (accumulating) or is late."""
-  from runners import flink
-  names = _analytics_topics(kafka_topic, partitions=4)
-  events = replay.load_events(TAXI, 'data/taxi_trips.csv', split='eval',
-                              limit=300)
-  log = open(tmp_path / 'analytics.log', 'w')
-  stats = TopicReader(kafka_bootstrap, names['stats'])
-  late = TopicReader(kafka_bootstrap, names['late'])
-
-  with flink.FlinkCluster(taskmanagers=2, slots=2) as cluster:
-    job = _analytics(kafka_bootstrap, names, tmp_path, log,
-                     '--flink_master', cluster.address, '--parallelism', '2')
-    sent = []
-    flowing = threading.Thread(target=_send_live, args=(
-        kafka_bootstrap, names['events'], events, 10, sent))
-    try:
-      job_id = _running_flink_job(cluster)
-      flowing.start()
-      # Mid-stream: part of the events sent, windows open in Flink state.
-      _wait_for(lambda: len(sent) >= 120, 60, '120 events sent', 0.2)
-      restored = _lose_a_taskmanager(cluster, job_id)
-      flowing.join(timeout=120)
-      total = _until_counted(stats, late, len(events), 600)
-      state = (cluster.rest(f'/jobs/{job_id}') or {}).get('state')
-      running = job.poll() is None
-    finally:
-      _kill_group(job)
-      stats.close()
-      late.close()
-      log.close()
-  print(f'Flink HA analytics (restored checkpoint {restored.get("id")}): '
-        f'{_counted(stats.items)} events in windows + {len(late.items)} late '
-        f'of {len(events)} sent; job {state}')
-  assert running, (tmp_path / 'analytics.log').read_text()[-3000:]
-  assert state == 'RUNNING'
-  assert total == len(events)
-
-
 def test_analytics_on_flink_killed_and_restored_from_its_checkpoint(
     kafka_bootstrap, kafka_topic, tmp_path):
   """Windowed analytics on embedded Flink, its whole process group
@@ -602,3 +500,85 @@ def test_analytics_on_flink_killed_and_restored_from_its_checkpoint(
         f'the restore')
   assert running, (tmp_path / 'analytics.log').read_text()[-3000:]
   assert total == len(events)
+
+
+def test_flink_cluster_loses_a_taskmanager_and_its_jobs_lose_nothing(
+    kafka_bootstrap, kafka_topic, taxi_model, tmp_path):
+  """High availability: a standalone Flink cluster of two TaskManagers runs
+  serving and windowed analytics, each with parallelism 2 over a 4-partition
+  topic; one TaskManager is SIGKILLed mid-stream. Flink restarts both jobs
+  from their last checkpoints on the other TaskManager: every event
+  predicted (duplicates counted), every event counted once in its window,
+  both jobs running, the restores visible in Flink's checkpoint statistics.
+  """
+  from runners import flink
+  serving = {'events': kafka_topic(partitions=4, suffix='events'),
+             'output': kafka_topic(suffix='predictions'),
+             'dlq': kafka_topic(suffix='dlq')}
+  analyzing = _analytics_topics(kafka_topic, partitions=4)
+  trips = replay.load_events(TAXI, 'data/taxi_trips.csv', split='eval',
+                             limit=400)
+  log = open(tmp_path / 'jobs.log', 'w')
+  predictions = TopicReader(kafka_bootstrap, serving['output'])
+  stats = TopicReader(kafka_bootstrap, analyzing['stats'])
+  late = TopicReader(kafka_bootstrap, analyzing['late'])
+  on_cluster = ['--parallelism', '2']
+  # Four slots each: the survivor can take both jobs' four subtasks.
+  with flink.FlinkCluster(taskmanagers=2, slots=4) as cluster:
+    on_cluster += ['--flink_master', cluster.address]
+    jobs = [
+        _serve(kafka_bootstrap, serving, taxi_model, log, '--runner',
+               'flink', '--checkpointing_interval', '5000',
+               '--state_backend_storage_path',
+               (tmp_path / 'serve-ckpt').as_uri(), *on_cluster),
+        _analytics(kafka_bootstrap, analyzing, tmp_path, log, *on_cluster)]
+    sent = []
+    flows = [
+        threading.Thread(target=replay.replay, args=(
+            TAXI, trips, serving['events'], kafka_bootstrap),
+                         kwargs={'rate': 10}),
+        threading.Thread(target=_send_live, args=(
+            kafka_bootstrap, analyzing['events'], trips[:300], 10, sent))]
+    try:
+      job_ids = _running_flink_jobs(cluster, 2)
+      for flow in flows:
+        flow.start()
+      predictions.until(100, 300)
+      _wait_for(lambda: len(sent) >= 100, 60, '100 events sent', 0.2)
+      # Each job's two subtasks on both machines: losing one hits both.
+      slots = cluster.taskmanager_slots()
+      assert len(slots) == 2 and all(s['free'] == 2
+                                     for s in slots.values()), slots
+      for job_id in job_ids:
+        _wait_for(lambda: _checkpoints(cluster, job_id).get('counts', {}).get(
+            'completed'), 60, 'completed checkpoint')
+      cluster.kill_taskmanager('taskmanager-2')
+      restored = [_wait_for(lambda: (_checkpoints(cluster, job_id).get(
+          'latest') or {}).get('restored'), 180, 'restore from a checkpoint')
+                  for job_id in job_ids]
+      for flow in flows:
+        flow.join(timeout=120)
+      predictions.until(len(trips), 300)
+      predictions.until(10**9, 15)  # duplicates, if any, keep coming
+      counted = _until_counted(stats, late, 300, 600)
+      states = [(cluster.rest(f'/jobs/{j}') or {}).get('state')
+                for j in job_ids]
+      running = [job.poll() is None for job in jobs]
+    finally:
+      for job in jobs:
+        _kill_group(job)
+      for reader in (predictions, stats, late):
+        reader.close()
+      log.close()
+  got = collections.Counter(p['event_id'] for p in predictions.items)
+  lost = {eid for eid, _ in trips} - set(got)
+  duplicates = sum(got.values()) - len(got)
+  print(f'Flink HA (2 TaskManagers, one SIGKILLed; jobs restored from '
+        f'checkpoints {[r.get("id") for r in restored]}): serving '
+        f'{len(got)} of {len(trips)} events predicted, {len(lost)} lost, '
+        f'{duplicates} duplicates; analytics {counted} of 300 counted; '
+        f'jobs {states}')
+  assert all(running), (tmp_path / 'jobs.log').read_text()[-3000:]
+  assert states == ['RUNNING', 'RUNNING']
+  assert not lost
+  assert counted == 300
