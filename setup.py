@@ -17,6 +17,9 @@ REQUIRED = [
     'tensorflow-transform==1.21.0',
     'tfx-bsl==1.21.0',
     'kafka-python==3.0.12',
+    # kafka-python checks every record batch with CRC-32C: in pure Python
+    # without this C implementation.
+    'crc32c==2.7.1',
 ]
 
 EXTRAS = {

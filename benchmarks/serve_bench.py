@@ -1,8 +1,9 @@
 """Serving benchmark on the real broker: throughput and end-to-end latency.
 
     python benchmarks/serve_bench.py [--runners prism] [--events 15000]
-        [--rate 1000] [--seconds 15] [--model_dir OUT/model]
+        [--rates 10,100,1000] [--seconds 15] [--model_dir OUT/model]
     python benchmarks/serve_bench.py --runners prism,prism:exactly_once
+    python benchmarks/serve_bench.py --runners prism,flink,flink_cluster
 
 A runner may carry a delivery mode after a colon (``prism:exactly_once``):
 its predictions are then read with ``read_committed`` and its latency ends
@@ -15,9 +16,13 @@ kafka-python producer):
 
 * throughput at saturation: the input topic is filled first, then the job
   drains it; events/s between the first and the last prediction appended;
-* end-to-end latency at a fixed rate: events are produced at ``--rate`` for
-  ``--seconds``; latency = append time of the prediction - append time of
-  the event (both topics use ``LogAppendTime``: one clock, the broker's).
+* end-to-end latency at each fixed rate of ``--rates`` (lowest first, on one
+  warm job): events are produced at the rate for ``--seconds``; latency =
+  append time of the prediction - append time of the event (both topics use
+  ``LogAppendTime``: one clock, the broker's);
+* a ``limit`` row: the slower of the SavedModel alone (rows/s at batch 256)
+  and kafka-python alone reading the saturation topic, and each job's share
+  of it.
 
 Prints one JSON document. Starts its own broker unless
 ``KAFKA_BOOTSTRAP_SERVERS`` is set, and trains a model unless ``--model_dir``
@@ -63,10 +68,12 @@ def _topics(bootstrap):
   return topics
 
 
-def _events(n):
+def _events(n, tag=''):
+  """``n`` taxi events, ids made unique by ``tag`` and the pass over the
+  file."""
   from tools import replay
   base = replay.load_events(TAXI, 'data/taxi_trips.csv')
-  return [(f'{eid}-{i // len(base)}', event) for i, (eid, event) in
+  return [(f'{eid}-{tag}{i // len(base)}', event) for i, (eid, event) in
           enumerate(base[i % len(base)] for i in range(n))]
 
 
@@ -76,6 +83,35 @@ def _measure(bootstrap, topic, n, timeout_s, read_committed=False):
   appended = sorted(t for t, _ in got)
   latency = [t - p['source']['timestamp_ms'] for t, p in got]
   return got, appended, latency
+
+
+class _Reader:
+  """Reads a topic from its start across calls: (append ms, value)."""
+
+  def __init__(self, bootstrap, topic, read_committed=False):
+    from kafka import KafkaConsumer
+    self._committed = read_committed
+    self._consumer = KafkaConsumer(
+        topic, bootstrap_servers=bootstrap, auto_offset_reset='earliest',
+        consumer_timeout_ms=500,
+        isolation_level='read_committed' if read_committed
+        else 'read_uncommitted')
+    self.got = []
+
+  def until(self, n, timeout_s, label):
+    deadline = time.monotonic() + timeout_s
+    last_print = 0.0
+    while len(self.got) < n and time.monotonic() < deadline:
+      for message in self._consumer:
+        self.got.append((int(time.time() * 1000) if self._committed
+                         else message.timestamp, json.loads(message.value)))
+      if time.monotonic() - last_print > 2:
+        last_print = time.monotonic()
+        _log(f'{label}: {len(self.got)}/{n}')
+    return self.got
+
+  def close(self):
+    self._consumer.close()
 
 
 def _throughput(appended):
@@ -140,7 +176,7 @@ class Baseline:
     self._stop.set()
 
 
-def _start_job(kind, bootstrap, topics, model_root, runner):
+def _start_job(kind, bootstrap, topics, model_root, runner, extra=()):
   if kind == 'baseline':
     baseline = Baseline(bootstrap, topics, model_root)
     thread = threading.Thread(target=baseline.run, daemon=True)
@@ -149,13 +185,16 @@ def _start_job(kind, bootstrap, topics, model_root, runner):
     return baseline.stop
   from pipelines import serve
   runner, _, delivery = runner.partition(':')
+  flags = []
+  if runner == 'flink_cluster':  # the standalone cluster started in main()
+    runner, flags = 'flink', ['--flink_master', FLINK_MASTER]
   result = serve.start([
       '--delivery', delivery or 'at_least_once',
       '--bootstrap_servers', bootstrap, '--input_topic', topics['in'],
       '--output_topic', topics['out'], '--dead_letter_topic', topics['dlq'],
       '--model_dir', model_root, '--group_id', f'bench-{uuid.uuid4().hex[:6]}',
       '--max_batch_size', str(BATCH_SIZE), '--runner', runner,
-      '--bundle_secs', str(BUNDLE_SECS)])
+      '--bundle_secs', str(BUNDLE_SECS), *flags, *extra])
   return result.cancel
 
 
@@ -163,56 +202,106 @@ def _bench(kind, bootstrap, model_root, args, runner=None):
   from tools import replay
   out = {}
   committed = (runner or '').endswith(':exactly_once')
+  extra = args.serve_args.split() if args.serve_args else []
   # Saturation: fill the topic, then start the job and let it drain.
   topics = _topics(bootstrap)
   events = _events(args.events)
   replay.replay(TAXI, events, topics['in'], bootstrap)
-  _log(f'{kind}: draining {len(events)} queued events')
-  stop = _start_job(kind, bootstrap, topics, model_root, runner)
+  if kind == 'baseline':
+    out['kafka_read_alone_events_per_s'] = _read_alone(bootstrap,
+                                                       topics['in'])
+  _log(f'{kind} {runner or ""}: draining {len(events)} queued events')
+  stop = _start_job(kind, bootstrap, topics, model_root, runner, extra)
   try:
-    got, appended, _ = _measure(bootstrap, topics['out'], len(events), 600,
+    got, appended, _ = _measure(bootstrap, topics['out'], len(events), 900,
                                 committed)
   finally:
     stop()
   out['saturation_events_per_s'] = _throughput(appended)
   out['saturation_predictions'] = len(got)
-  # Latency at a fixed rate, on a warm job.
+  # Latency at each fixed rate, lowest first, on one warm job: a half-empty
+  # batch must not wait for a full one.
   topics = _topics(bootstrap)
-  n = int(args.rate * args.seconds)
-  stop = _start_job(kind, bootstrap, topics, model_root, runner)
+  stop = _start_job(kind, bootstrap, topics, model_root, runner, extra)
+  reader = _Reader(bootstrap, topics['out'], committed)
   try:
-    warmup = _events(200)
+    warmup = _events(200, 'warmup-')
     replay.replay(TAXI, warmup, topics['in'], bootstrap)
-    demo.collect(bootstrap, topics['out'], len(warmup), 180, 'warm-up',
-                 progress=sys.stderr, read_committed=committed)
-    _log(f'{kind}: {n} events at {args.rate}/s')
-    replay.replay(TAXI, _events(n), topics['in'], bootstrap, rate=args.rate)
-    got, _, latency = _measure(bootstrap, topics['out'], len(warmup) + n, 300,
-                               committed)
+    reader.until(len(warmup), 300, 'warm-up')
+    sent = len(warmup)
+    out['latency_ms'] = {}
+    for rate in args.rates:
+      phase = _events(int(rate * args.seconds), f'r{rate:g}-')
+      _log(f'{kind} {runner or ""}: {len(phase)} events at {rate:g}/s')
+      replay.replay(TAXI, phase, topics['in'], bootstrap, rate=rate)
+      sent += len(phase)
+      got = reader.until(sent, 300, f'{rate:g}/s')
+      ids = {eid for eid, _ in phase}
+      latency = [t - p['source']['timestamp_ms'] for t, p in got
+                 if p['event_id'] in ids]
+      out['latency_ms'][f'{rate:g}'] = {'predictions': len(latency),
+                                        **demo.percentiles(latency)}
   finally:
     stop()
-  latency = latency[len(warmup):]
-  out['latency_rate_events_per_s'] = args.rate
-  out['latency_predictions'] = len(latency)
-  out['latency_ms'] = demo.percentiles(latency)
+    reader.close()
   return out
+
+
+def _read_alone(bootstrap, topic):
+  """kafka-python alone: events/s reading ``topic`` from the start."""
+  from kafka import KafkaConsumer
+  consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap,
+                           auto_offset_reset='earliest',
+                           consumer_timeout_ms=2000, max_poll_records=500)
+  n, started = 0, None
+  for _ in consumer:
+    started = started or time.perf_counter()
+    n += 1
+  elapsed = time.perf_counter() - started - 2.0  # the final idle timeout
+  consumer.close()
+  return round(n / elapsed, 1) if elapsed > 0 else None
+
+
+def _model_alone(model_root, batch=256, rounds=40):
+  """The exported SavedModel alone: rows/s scoring parsed events."""
+  from models import serving
+  from transforms import records as R
+  model = serving.load(os.path.join(
+      model_root, str(serving.newest_valid_version(TAXI, model_root))))
+  rows = [R.parse_json(TAXI, event) for _, event in _events(batch)]
+  serving.predict(TAXI, model, rows)  # warm
+  started = time.perf_counter()
+  for _ in range(rounds):
+    serving.predict(TAXI, model, rows)
+  return round(batch * rounds / (time.perf_counter() - started), 1)
+
+
+FLINK_MASTER = None
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--runners', default='prism',
-                      help='Comma-separated runners to benchmark.')
+                      help='Comma-separated runners: prism, flink (embedded), '
+                      'flink_cluster (a local standalone cluster), each with '
+                      'an optional :exactly_once.')
   parser.add_argument('--events', type=int, default=15000)
-  parser.add_argument('--rate', type=float, default=1000)
-  parser.add_argument('--seconds', type=float, default=15)
+  parser.add_argument('--rates', default='10,100,1000',
+                      help='Comma-separated fixed rates, events/s.')
+  parser.add_argument('--seconds', type=float, default=15,
+                      help='How long each fixed rate lasts.')
   parser.add_argument('--model_dir', default=None)
   parser.add_argument('--bundle_secs', type=float, default=1.0,
                       help='pipelines.serve --bundle_secs')
+  parser.add_argument('--serve_args', default='',
+                      help='More pipelines.serve flags, one string.')
   args = parser.parse_args()
-  global BUNDLE_SECS
+  args.rates = [float(r) for r in args.rates.split(',') if r]
+  global BUNDLE_SECS, FLINK_MASTER
   BUNDLE_SECS = args.bundle_secs
 
   broker = None
+  cluster = None
   bootstrap = os.environ.get('KAFKA_BOOTSTRAP_SERVERS')
   if not bootstrap:
     broker = kafka_runner.KafkaBroker().start()
@@ -226,14 +315,31 @@ def main():
         train.run(['--input', 'data/taxi_trips.csv', '--output_dir', tmp])
         model_root = os.path.join(tmp, 'model')
       results = {'baseline': _bench('baseline', bootstrap, model_root, args)}
+      model_rows = _model_alone(model_root)
+      read_events = results['baseline'].pop('kafka_read_alone_events_per_s')
+      limit = min(model_rows, read_events)
+      results['limit'] = {'savedmodel_alone_rows_per_s': model_rows,
+                          'kafka_read_alone_events_per_s': read_events,
+                          'events_per_s': limit}
       for runner in args.runners.split(','):
+        if runner.startswith('flink_cluster') and cluster is None:
+          from runners import flink
+          cluster = flink.FlinkCluster().start()
+          FLINK_MASTER = cluster.address
         results[runner] = _bench('pipeline', bootstrap, model_root, args,
                                  runner)
+      for name, result in results.items():
+        if name == 'limit':
+          continue
         base = results['baseline']['saturation_events_per_s']
-        mine = results[runner]['saturation_events_per_s']
-        results[runner]['throughput_ratio_to_baseline'] = (
-            round(mine / base, 3) if base and mine else None)
+        mine = result['saturation_events_per_s']
+        if name != 'baseline':
+          result['throughput_ratio_to_baseline'] = (
+              round(mine / base, 3) if base and mine else None)
+        result['share_of_limit'] = round(mine / limit, 3) if mine else None
   finally:
+    if cluster is not None:
+      cluster.stop()
     if broker is not None:
       broker.stop()
   print(json.dumps({
@@ -241,6 +347,7 @@ def main():
                   'platform': platform.platform()},
       'batch_size': BATCH_SIZE,
       'bundle_secs': BUNDLE_SECS,
+      'serve_args': args.serve_args,
       'results': results,
   }, indent=2))
 

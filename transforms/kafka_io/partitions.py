@@ -49,6 +49,7 @@ class _ReadConfig:
   reader_id: str  # unique per ReadFromKafka: keys its PeerWatermarks
   give_up_s: float = DEFAULT_GIVE_UP_S
   partition_discovery_s: Optional[float] = None
+  end_bundle_when_caught_up: bool = False
 
   @property
   def watches_partitions(self) -> bool:

@@ -248,6 +248,12 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider,
           tracker.defer_remainder()
           return
       batch = None
+      if checkpoints and config.end_bundle_when_caught_up and _caught_up(
+          consumer, tp):
+        # Everything the partition held is emitted: end the bundle now, so
+        # batches downstream flush, instead of waiting in the next poll.
+        tracker.defer_remainder()
+        return
 
   def _on_outage(self, topic: str, partition: int, error: Exception) -> None:
     self._unreachable.inc()
@@ -277,6 +283,13 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider,
       self._commit_failures.inc()
       _LOGGER.warning('Committing offset %d of %s-%d failed: %s', offset,
                       topic, partition, e)
+
+
+def _caught_up(consumer: Any, tp: Any) -> bool:
+  """Whether the consumer's position is at the partition's log end (as of
+  the last fetch)."""
+  high = consumer.highwater(tp)
+  return high is not None and consumer.position(tp) >= high
 
 
 def _leader_reachable(consumer: Any, tp: Any) -> bool:

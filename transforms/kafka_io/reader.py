@@ -85,6 +85,12 @@ class ReadFromKafka(beam.PTransform):
       partition.
     checkpoint_interval_s: an unbounded (or committing) read checkpoints this
       often, so output is committed and offsets are committed.
+    end_bundle_when_caught_up: such a read also checkpoints as soon as it
+      has emitted everything the partition held (its position reached the
+      log end), instead of waiting in the next poll: the bundle ends, so
+      what batches per bundle downstream (RunInference, the producer's
+      flush) finishes now rather than after ``checkpoint_interval_s``. Low
+      latency at low rates; under a backlog bundles stay long.
     max_poll_records: records per poll.
     consumer_config: extra kafka-python consumer settings (security...).
     decode: optional ``KafkaRecord -> value`` applied to every record.
@@ -116,6 +122,7 @@ class ReadFromKafka(beam.PTransform):
       poll_timeout_s: float = 1.0,
       resume_delay_s: float = 0.0,
       checkpoint_interval_s: float = 2.0,
+      end_bundle_when_caught_up: bool = False,
       max_poll_records: int = 1000,
       consumer_config: Optional[Mapping[str, Any]] = None,
       decode: Optional[Callable[[KafkaRecord], Any]] = None,
@@ -149,6 +156,7 @@ class ReadFromKafka(beam.PTransform):
         poll_timeout_s=poll_timeout_s,
         resume_delay_s=resume_delay_s,
         checkpoint_interval_s=checkpoint_interval_s,
+        end_bundle_when_caught_up=end_bundle_when_caught_up,
         max_poll_records=max_poll_records,
         consumer_config=dict(consumer_config or {}),
         metrics_namespace=METRICS_NAMESPACE,
