@@ -619,7 +619,9 @@ def read_state() -> dict[str, Any] | None:
     state = json.loads(STATE_FILE.read_text())
   except (OSError, ValueError):
     return None
-  if not all(alive(pid) for pid in state.get('pids', {}).values()):
+  # The JobManager is the cluster; a lost TaskManager leaves it degraded.
+  jobmanager = state.get('pids', {}).get('jobmanager')
+  if jobmanager is None or not alive(jobmanager):
     STATE_FILE.unlink(missing_ok=True)
     return None
   return state

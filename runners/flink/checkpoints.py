@@ -26,9 +26,10 @@ Restarting a job from its state: ``--savepoint_path=<dir>/<job id>/chk-<n>``
 checkpoint under the job's ``--state_backend_storage_path`` (none yet: the
 job starts afresh, with a log line). Beam's job server (2.62) applies
 ``--savepoint_path`` only when it submits to a cluster; for the embedded
-cluster (``--flink_master=[local]``) it ignores it, so ``restore_flags``
-writes a ``flink-conf.yaml`` with ``execution.savepoint.path`` and passes
-its directory as ``--flink_conf_dir``, which the embedded environment reads.
+cluster (``--flink_master=[local]``) it ignores it, so ``runners.options``
+writes a ``flink-conf.yaml`` with ``execution.savepoint.path``
+(``local_restore_conf``) and passes its directory as ``--flink_conf_dir``,
+which the embedded environment reads.
 
 What was measured (README, "Reliability"): serving killed with its whole
 process group on Flink loses nothing (the group's offsets are committed
@@ -86,7 +87,8 @@ class FlinkCheckpointOptions(PipelineOptions):
                         'the job server\'s Flink environment.')
     parser.add_argument('--savepoint_path', default=None,
                         help='Flink: start from this savepoint or retained '
-                        'checkpoint (a chk-<n> directory).')
+                        'checkpoint (a chk-<n> directory), or "latest": the '
+                        'job\'s newest complete checkpoint.')
 
 
 def job_dir(job: Optional[str]) -> pathlib.Path:
