@@ -68,8 +68,9 @@ kafka-up: install
 kafka-down: install
 	$(PY) -m runners.kafka down
 
+TASKMANAGERS ?= 1
 flink-up: install
-	$(PY) -m runners.flink up
+	$(PY) -m runners.flink up --taskmanagers $(TASKMANAGERS)
 flink-down: install
 	$(PY) -m runners.flink down
 flink-status: install

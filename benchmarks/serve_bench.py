@@ -253,13 +253,15 @@ def _read_alone(bootstrap, topic):
   consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap,
                            auto_offset_reset='earliest',
                            consumer_timeout_ms=2000, max_poll_records=500)
-  n, started = 0, None
+  n, first, last = 0, None, None
   for _ in consumer:
-    started = started or time.perf_counter()
+    last = time.perf_counter()
+    first = first or last
     n += 1
-  elapsed = time.perf_counter() - started - 2.0  # the final idle timeout
   consumer.close()
-  return round(n / elapsed, 1) if elapsed > 0 else None
+  if n < 2 or last == first:
+    raise RuntimeError(f'read only {n} events of {topic}')
+  return round((n - 1) / (last - first), 1)
 
 
 def _model_alone(model_root, batch=256, rounds=40):

@@ -80,10 +80,6 @@ DEFAULT_GROUP_ID = 'rtml-serve'
 DEFAULT_MAX_OUT_OF_ORDERNESS = 3600.0
 
 
-def _bool(text: str) -> bool:
-  return text.strip().lower() not in ('0', 'false', 'no', 'off', '')
-
-
 class ServeOptions(PipelineOptions):
 
   @classmethod
@@ -103,13 +99,18 @@ class ServeOptions(PipelineOptions):
                         'checkpoints. Shorter bundles commit output sooner '
                         'but each costs a scheduling round trip '
                         '(benchmarks/serve_bench.py).')
-    parser.add_argument('--end_bundle_when_caught_up', type=_bool,
-                        default=True,
+    parser.add_argument('--end_bundle_when_caught_up', action='store_true',
+                        default=None,
                         help='End the read bundle as soon as a partition is '
                         'read to its end, so the batch in RunInference is '
                         'scored at once instead of waiting for --bundle_secs '
-                        '(benchmarks/serve_bench.py: p50 510 -> 10 ms at '
-                        '10 events/s on Prism). false: long bundles.')
+                        '(benchmarks/serve_bench.py: p50 510 -> 11 ms at '
+                        '10 events/s on Prism). The default with '
+                        'at-least-once delivery; exactly-once keeps long '
+                        'bundles (one transaction per bundle) unless given.')
+    parser.add_argument('--no_end_bundle_when_caught_up', action='store_false',
+                        dest='end_bundle_when_caught_up',
+                        help='Long bundles (--bundle_secs) always.')
     parser.add_argument('--run_seconds', type=float, default=None,
                         help='Stop after this long (demos); default: forever.')
 
@@ -314,7 +315,9 @@ def build(pipeline: beam.Pipeline, opts: ServeOptions,
               max_out_of_orderness_s=(kafka.max_out_of_orderness or
                                       DEFAULT_MAX_OUT_OF_ORDERNESS)),
           checkpoint_interval_s=opts.bundle_secs,
-          end_bundle_when_caught_up=opts.end_bundle_when_caught_up,
+          end_bundle_when_caught_up=(
+              not exactly_once if opts.end_bundle_when_caught_up is None
+              else opts.end_bundle_when_caught_up),
           poll_timeout_s=min(1.0, opts.bundle_secs),
           partition_discovery_s=kafka.partition_discovery_s,
           consumer_config=kafka.consumer_config)

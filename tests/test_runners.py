@@ -176,15 +176,20 @@ def test_flink_restores_the_newest_complete_checkpoint(tmp_path, monkeypatch):
   from runners.flink import checkpoints
   monkeypatch.setattr(checkpoints, 'RUN_DIR', tmp_path / 'run')
   storage = tmp_path / 'ckpt'
-  for name, complete in (('chk-3', True), ('chk-4', False)):
-    (storage / 'a1b2' / name).mkdir(parents=True)
+  # Two runs of the job (Flink job ids); the newest complete one wins.
+  for job, name, complete, age in (('a1b2', 'chk-10', True, 300),
+                                   ('c3d4', 'chk-3', True, 100),
+                                   ('c3d4', 'chk-4', False, 0)):
+    (storage / job / name).mkdir(parents=True)
     if complete:  # chk-4 is still being written: no _metadata yet
-      (storage / 'a1b2' / name / '_metadata').write_bytes(b'x')
+      (storage / job / name / '_metadata').write_bytes(b'x')
+    then = time.time() - age
+    os.utime(storage / job / name, (then, then))
   flags = ['--runner', 'flink', '--flink_job_server_jar', '/j.jar',
            '--group_id', 'g', '--state_backend_storage_path',
            storage.as_uri(), '--savepoint_path', 'latest']
   argv = resolve(flags, streaming=True)
-  restored = (storage / 'a1b2' / 'chk-3').as_uri()
+  restored = (storage / 'c3d4' / 'chk-3').as_uri()
   assert get_flag(argv, 'savepoint_path') == restored
   # The embedded cluster ignores --savepoint_path: a Flink conf says it.
   conf = pathlib.Path(get_flag(argv, 'flink_conf_dir')) / 'flink-conf.yaml'
@@ -197,6 +202,9 @@ def test_flink_restores_the_newest_complete_checkpoint(tmp_path, monkeypatch):
   argv = resolve(flags[:-3] + [(tmp_path / 'none').as_uri(),
                                '--savepoint_path', 'latest'], streaming=True)
   assert not has_flag(argv, 'savepoint_path')
+  assert not has_flag(argv, 'flink_conf_dir')
+  with pytest.raises(ValueError, match='local file system'):
+    checkpoints.latest_checkpoint('gs://bucket/ckpt')
 
 
 def test_flink_keeps_a_cluster_address_and_environment():

@@ -500,11 +500,11 @@ class FlinkCluster:
                 {'taskmanager.rpc.port': free_port(),
                  'taskmanager.data.port': free_port(),
                  'taskmanager.resource-id': name})
-    expected = self.slots * len(self.taskmanager_names())
     # Registered is not ready: its slots are reported a moment later, and
-    # a job submitted before then waits for resources.
-    self._wait(lambda: (self._overview() or {}).get('slots-total', 0)
-               >= expected, f'{name} with {self.slots} slots', timeout)
+    # a job submitted before then waits for resources. (Counting all slots
+    # would be fooled by a killed TaskManager not yet timed out.)
+    self._wait(lambda: self.taskmanager_slots().get(name, {}).get('slots')
+               == self.slots, f'{name} with {self.slots} slots', timeout)
     return name
 
   def taskmanager_names(self) -> list[str]:
@@ -631,6 +631,12 @@ def up(taskmanagers: int = 1) -> dict[str, Any]:
   """Starts the dev cluster (or finds it running); returns its state."""
   state = read_state()
   if state:
+    live = [n for n, pid in state['pids'].items()
+            if n != 'jobmanager' and alive(pid)]
+    if len(live) != taskmanagers:
+      _LOGGER.warning('Flink is already up at %s with %d live TaskManagers '
+                      '(%d asked); `down` first to change it',
+                      state['address'], len(live), taskmanagers)
     return state
   cluster = FlinkCluster(work_dir=RUN_DIR / 'flink', keep=True,
                          taskmanagers=taskmanagers).start()
@@ -646,9 +652,10 @@ def down() -> bool:
   if not state:
     return False
   pids = state['pids']
-  # TaskManagers first, then the JobManager.
+  # TaskManagers first, then the JobManager; a dead one's pid may be reused.
   for name in sorted(pids, key=lambda n: n == 'jobmanager'):
-    _terminate(pids[name], 20.0)
+    if alive(pids[name]):
+      _terminate(pids[name], 20.0)
   STATE_FILE.unlink(missing_ok=True)
   return True
 

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import pathlib
 import re
+import shutil
 import urllib.parse
 from typing import Optional
 
@@ -104,6 +105,11 @@ def latest_checkpoint(storage_path: str) -> Optional[str]:
   """The newest complete checkpoint (``chk-<n>`` with its ``_metadata``)
   under a ``--state_backend_storage_path`` (``file://`` URI or path), as a
   ``file://`` URI; None if there is none."""
+  scheme = urllib.parse.urlparse(storage_path).scheme
+  if scheme not in ('', 'file'):
+    raise ValueError(f'--savepoint_path latest looks for checkpoints on the '
+                     f'local file system only, not in {storage_path}; give '
+                     f'the chk-<n> path itself')
   root = pathlib.Path(_local_path(storage_path))
   done = [m.parent for m in root.glob('*/chk-*/_metadata')]
   if not done:
@@ -116,18 +122,19 @@ def latest_checkpoint(storage_path: str) -> Optional[str]:
 def local_restore_conf(savepoint: str, job: Optional[str],
                        conf_dir: Optional[str] = None) -> pathlib.Path:
   """A Flink configuration directory whose ``flink-conf.yaml`` restores the
-  embedded cluster's job from ``savepoint`` (a copy of ``conf_dir``'s file
-  when one was given); returns the directory."""
+  embedded cluster's job from ``savepoint``: a copy of ``conf_dir`` (every
+  file) when one was given, with that one setting added; returns it."""
   out = RUN_DIR / 'flink-conf' / job_dir(job).name
-  out.mkdir(parents=True, exist_ok=True)
-  base = ''
+  shutil.rmtree(out, ignore_errors=True)
   if conf_dir:
-    given = pathlib.Path(conf_dir) / 'flink-conf.yaml'
-    if given.is_file():
-      base = ''.join(line for line in given.read_text().splitlines(True)
-                     if not line.startswith('execution.savepoint.path'))
-  (out / 'flink-conf.yaml').write_text(
-      f'{base}execution.savepoint.path: {savepoint}\n')
+    shutil.copytree(conf_dir, out)
+  out.mkdir(parents=True, exist_ok=True)
+  conf = out / 'flink-conf.yaml'
+  lines = [line for line in (conf.read_text().splitlines()
+                             if conf.is_file() else [])
+           if not line.startswith('execution.savepoint.path')]
+  conf.write_text(''.join(f'{line}\n' for line in lines) +
+                  f'execution.savepoint.path: {savepoint}\n')
   return out
 
 
