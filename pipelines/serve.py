@@ -277,10 +277,12 @@ class Predict(beam.PTransform):
             FormatPrediction.DEAD_LETTERS, main='predictions')
     failed = failures.failed_inferences | 'FailedToDeadLetters' >> (
         beam.ParDo(InferenceDeadLetters()))
+    # Two failure streams, not flattened: a Flatten may end the fused stage
+    # (it does on Prism), and a dead letter must be written in the bundle
+    # that read its event, before that bundle's offsets are committed.
     return {
         'predictions': formatted.predictions,
-        'failures': (formatted[FormatPrediction.DEAD_LETTERS], failed)
-                    | 'MergeFailures' >> beam.Flatten(),
+        'failures': (formatted[FormatPrediction.DEAD_LETTERS], failed),
     }
 
 
@@ -333,7 +335,7 @@ def build(pipeline: beam.Pipeline, opts: ServeOptions,
   decode_failures = events.dead_letters | 'KeyDeadLetters' >> beam.Map(
       lambda d: (f"{d['topic']}-{d['partition']}-{d['offset']}", d))
   if exactly_once:
-    dead_letters = ((decode_failures, scored['failures'])
+    dead_letters = ((decode_failures, *scored['failures'])
                     | 'MergeDeadLetters' >> beam.Flatten())
     _ = (
         (scored['predictions'] | 'PredictionOutputs' >> beam.Map(
@@ -358,17 +360,25 @@ def build(pipeline: beam.Pipeline, opts: ServeOptions,
       kafka_io.WriteToKafka(bootstrap, names['output'],
                             producer_config=kafka.producer_config,
                             event_timestamps=False, give_up_s=kafka.give_up_s))
-  dead_letters = (
-      (decode_failures,
-       scored['failures'],
-       unwritable | 'UnwritableToDeadLetters' >> beam.Map(
-           _unwritable_dead_letter, names['output']))
-      | 'MergeDeadLetters' >> beam.Flatten())
-  lost = dead_letters | 'WriteDeadLetters' >> kafka_io.WriteToKafka(
-      bootstrap, names['dead_letters'], producer_config=kafka.producer_config,
-      event_timestamps=False, give_up_s=kafka.give_up_s)
-  _ = lost | 'LogUnwritableDeadLetters' >> beam.FlatMap(
-      kafka_io.log_unwritable, names['dead_letters'])
+  streams = {
+      'Decode': decode_failures,
+      'Predict': scored['failures'][0],
+      'Batch': scored['failures'][1],
+      'Unwritable': unwritable | 'UnwritableToDeadLetters' >> beam.Map(
+          _unwritable_dead_letter, names['output'])}
+  # One writer per stream, each fused with the read: the reader commits a
+  # bundle's offsets once the bundle is done, so its dead letters must be
+  # flushed by then. (A Flatten before one writer split the stage on Prism,
+  # and a SIGKILL lost dead letters whose offsets were committed.)
+  for label, stream in streams.items():
+    lost = stream | f'Write{label}DeadLetters' >> kafka_io.WriteToKafka(
+        bootstrap, names['dead_letters'],
+        producer_config=kafka.producer_config, event_timestamps=False,
+        give_up_s=kafka.give_up_s)
+    _ = lost | f'LogUnwritable{label}DeadLetters' >> beam.FlatMap(
+        kafka_io.log_unwritable, names['dead_letters'])
+  dead_letters = tuple(streams.values()) | 'MergeDeadLetters' >> (
+      beam.Flatten())
   return {'predictions': scored['predictions'], 'dead_letters': dead_letters}
 
 
