@@ -105,10 +105,9 @@ class ServeOptions(PipelineOptions):
                         'read to its end, so the batch in RunInference is '
                         'scored at once instead of waiting for --bundle_secs '
                         '(benchmarks/serve_bench.py: p50 510 -> 11 ms at '
-                        '10 events/s on Prism). The default on Prism '
-                        'with at-least-once delivery; elsewhere, and with '
-                        'exactly-once (a transaction per bundle), only when '
-                        'given.')
+                        '10 events/s on Prism, at-least-once). Off by '
+                        'default for now (README, "Serving latency by '
+                        'rate").')
     parser.add_argument('--no_end_bundle_when_caught_up', action='store_false',
                         dest='end_bundle_when_caught_up',
                         help='Long bundles (--bundle_secs) always.')
@@ -384,14 +383,13 @@ def build(pipeline: beam.Pipeline, opts: ServeOptions,
 
 def _end_bundle_when_caught_up(opts: ServeOptions, exactly_once: bool
                                ) -> bool:
-  """The flag, else on where it was measured to help: at-least-once on
-  Prism. On Flink (2.62 job server) short source bundles held every
-  prediction back until the stream paused (the Flink SIGKILL test saw all
-  600 at once); exactly-once pays a transaction per bundle."""
-  if opts.end_bundle_when_caught_up is not None:
-    return opts.end_bundle_when_caught_up
-  runner = (opts.view_as(StandardOptions).runner or '').lower()
-  return not exactly_once and 'prism' in runner
+  """Only when asked. It helps latency on Prism with at-least-once
+  (README), but a fresh-clone run of the Prism SIGKILL test failed with it
+  on (not yet understood); on Flink (2.62 job server) short source bundles
+  held every prediction back until the stream paused; exactly-once pays a
+  transaction per bundle."""
+  del exactly_once  # see above: off for every delivery mode until then
+  return bool(opts.end_bundle_when_caught_up)
 
 
 def _unwritable_dead_letter(unwritable: kafka_io.Unwritable, topic: str
