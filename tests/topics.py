@@ -25,6 +25,10 @@ class TopicReader:
     while len(self.items) < expected and time.monotonic() < deadline:
       for message in self._consumer:
         self.items.append(json.loads(message.value))
+        # Not only when the topic pauses: a steady stream would otherwise
+        # be read to its end before the caller sees ``expected``.
+        if len(self.items) >= expected or time.monotonic() >= deadline:
+          break
       if done is not None and done(self.items):
         break
     return self.items
