@@ -383,11 +383,12 @@ def build(pipeline: beam.Pipeline, opts: ServeOptions,
 
 def _end_bundle_when_caught_up(opts: ServeOptions, exactly_once: bool
                                ) -> bool:
-  """Only when asked. It helps latency on Prism with at-least-once
-  (README), but a fresh-clone run of the Prism SIGKILL test failed with it
-  on (not yet understood); on Flink (2.62 job server) short source bundles
-  held every prediction back until the stream paused; exactly-once pays a
-  transaction per bundle."""
+  """Only when asked, for now. It helps latency on Prism with at-least-once
+  (README); a fresh-clone run of the Prism SIGKILL test failed with it on
+  because the test's reader waited for the output to pause (fixed in
+  tests/topics.py, not yet confirmed by CI). On Flink (2.62 job server) the
+  same test saw all 600 predictions before its kill, likely the same reader
+  bug; exactly-once pays a transaction per bundle."""
   del exactly_once  # see above: off for every delivery mode until then
   return bool(opts.end_bundle_when_caught_up)
 
