@@ -78,8 +78,11 @@ def _events(n, tag=''):
 
 
 def _measure(bootstrap, topic, n, timeout_s, read_committed=False):
-  got = demo.collect(bootstrap, topic, n, timeout_s, 'predictions',
-                     progress=sys.stderr, read_committed=read_committed)
+  reader = _Reader(bootstrap, topic, read_committed)
+  try:
+    got = reader.until(n, timeout_s, 'predictions')
+  finally:
+    reader.close()
   appended = sorted(t for t, _ in got)
   latency = [t - p['source']['timestamp_ms'] for t, p in got]
   return got, appended, latency
