@@ -337,38 +337,31 @@ def build(pipeline: beam.Pipeline, opts: ServeOptions,
                 check_model=not opts.view_as(TestOptions).dry_run))
   decode_failures = events.dead_letters | 'KeyDeadLetters' >> beam.Map(
       lambda d: (f"{d['topic']}-{d['partition']}-{d['offset']}", d))
+  failures = {'Decode': decode_failures, 'Predict': scored['failures'][0],
+              'Batch': scored['failures'][1]}
   if exactly_once:
-    dead_letters = ((decode_failures, *scored['failures'])
-                    | 'MergeDeadLetters' >> beam.Flatten())
-    _ = (
-        (scored['predictions'] | 'PredictionOutputs' >> beam.Map(
-            lambda kv, topic: kafka_io.Output(
-                topic, kv[0], kv[1], (kv[1]['source']['topic'],
-                                      kv[1]['source']['partition'],
-                                      kv[1]['source']['offset'])),
-            names['output']),
-         dead_letters | 'DeadLetterOutputs' >> beam.Map(
-             lambda kv, topic: kafka_io.Output(
-                 topic, kv[0], kv[1], (kv[1]['topic'], kv[1]['partition'],
-                                       kv[1]['offset'])),
-             names['dead_letters']))
-        | 'MergeOutputs' >> beam.Flatten()
-        | 'WriteTransactionally' >> kafka_io.WriteTransactionally(
-            bootstrap, group_id, names['dead_letters'],
-            producer_config=kafka.producer_config,
-            give_up_s=kafka.give_up_s))
+    # Every stream has its own writer, fused with the read (no Flatten: it
+    # ends the fused stage on Prism); the writers of a bundle share one
+    # transaction, which also commits the bundle's input offsets.
+    outputs = {'Prediction': scored['predictions'] | 'PredictionOutputs' >> (
+        beam.Map(_prediction_output, names['output']))}
+    for label, stream in failures.items():
+      outputs[f'{label}DeadLetter'] = stream | f'{label}DeadLetterOutputs' >> (
+          beam.Map(_dead_letter_output, names['dead_letters']))
+    for label, stream in outputs.items():
+      _ = stream | f'Write{label}s' >> kafka_io.WriteTransactionally(
+          bootstrap, group_id, names['dead_letters'],
+          producer_config=kafka.producer_config, give_up_s=kafka.give_up_s)
     return {'predictions': scored['predictions'],
-            'dead_letters': dead_letters}
+            'dead_letters': tuple(failures.values()) | 'MergeDeadLetters' >> (
+                beam.Flatten())}
   unwritable = scored['predictions'] | 'WritePredictions' >> (
       kafka_io.WriteToKafka(bootstrap, names['output'],
                             producer_config=kafka.producer_config,
                             event_timestamps=False, give_up_s=kafka.give_up_s))
-  streams = {
-      'Decode': decode_failures,
-      'Predict': scored['failures'][0],
-      'Batch': scored['failures'][1],
-      'Unwritable': unwritable | 'UnwritableToDeadLetters' >> beam.Map(
-          _unwritable_dead_letter, names['output'])}
+  streams = dict(failures, Unwritable=unwritable | (
+      'UnwritableToDeadLetters' >> beam.Map(_unwritable_dead_letter,
+                                             names['output'])))
   # One writer per stream, each fused with the read: the reader commits a
   # bundle's offsets once the bundle is done, so its dead letters must be
   # flushed by then. (A Flatten before one writer split the stage on Prism,
@@ -383,6 +376,20 @@ def build(pipeline: beam.Pipeline, opts: ServeOptions,
   dead_letters = tuple(streams.values()) | 'MergeDeadLetters' >> (
       beam.Flatten())
   return {'predictions': scored['predictions'], 'dead_letters': dead_letters}
+
+
+def _prediction_output(kv: tuple[str, dict], topic: str) -> kafka_io.Output:
+  source = kv[1]['source']
+  return kafka_io.Output(topic, kv[0], kv[1], (source['topic'],
+                                                source['partition'],
+                                                source['offset']))
+
+
+def _dead_letter_output(kv: tuple[str, dict], topic: str) -> kafka_io.Output:
+  letter = kv[1]
+  return kafka_io.Output(topic, kv[0], letter, (letter['topic'],
+                                                letter['partition'],
+                                                letter['offset']))
 
 
 def _unwritable_dead_letter(unwritable: kafka_io.Unwritable, topic: str

@@ -624,6 +624,41 @@ def test_a_bundle_that_died_mid_transaction_is_never_committed(
   assert committed_offsets(kafka_bootstrap, group, source, (0,)) == [8]
 
 
+def test_the_writers_of_one_bundle_commit_one_transaction(
+    kafka_bootstrap, kafka_topic):
+  """Predictions and dead letters have one writer each in the read's fused
+  stage: a bundle's writers share one transaction, committed (with the
+  offsets all of them saw) when the last one finishes; a bundle in which one
+  writer died is committed by none, and its retry is."""
+  from transforms.kafka_io.transactions import _TransactionalWriteFn
+  out, dlq, source = kafka_topic(), kafka_topic(), kafka_topic()
+  group = f'tx-{source}'
+  writers = [_TransactionalWriteFn(kafka_bootstrap, group, dlq, {}, 60.0)
+             for _ in range(2)]
+  for writer in writers:
+    writer.setup()
+  try:
+    for writer in writers:
+      writer.start_bundle()
+    writers[0].process(kafka_io.Output(out, 'dead', 'x', (source, 0, 0)))
+    writers[1].process(kafka_io.Output(dlq, 'dead', 'y', (source, 0, 1)))
+    writers[0].finish_bundle()  # the other writer dies: no finish_bundle
+    for writer in writers:  # the retry, on the same instances
+      writer.start_bundle()
+    writers[0].process(kafka_io.Output(out, 'retry', 'x', (source, 0, 0)))
+    writers[1].process(kafka_io.Output(dlq, 'retry', 'y', (source, 0, 1)))
+    writers[1].finish_bundle()
+    assert committed_offsets(kafka_bootstrap, group, source, (0,)) == [None]
+    writers[0].finish_bundle()
+  finally:
+    for writer in writers:
+      writer.teardown()
+  for topic in (out, dlq):
+    got = consume_all(kafka_bootstrap, topic, isolation_level='read_committed')
+    assert [m.key for m in got] == [b'retry']
+  assert committed_offsets(kafka_bootstrap, group, source, (0,)) == [2]
+
+
 def test_secrets_are_references_resolved_where_the_client_is_made(
     tmp_path, monkeypatch):
   from transforms.kafka_io import clients

@@ -699,4 +699,5 @@ def test_dataflow_job_graphs_of_train_and_serve(tmp_path, monkeypatch):
   names = _graph_names(results[-1])
   assert {'ReadEvents', 'ParseEvents', 'AttachContext', 'Predict',
           'Predict/RunInference', 'WritePredictions', 'MergeDeadLetters',
-          'WriteDeadLetters'} <= names
+          'WriteDecodeDeadLetters', 'WritePredictDeadLetters',
+          'WriteBatchDeadLetters', 'WriteUnwritableDeadLetters'} <= names

@@ -13,12 +13,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import threading
 import time
 from typing import Any, Iterator
 
 import apache_beam as beam
 from apache_beam.io.restriction_trackers import OffsetRange
 from apache_beam.metrics import Metrics
+from apache_beam.runners.worker.statesampler import get_current_instruction_id
 from apache_beam.transforms.core import (RestrictionProvider,
                                          WatermarkEstimatorProvider)
 from apache_beam.transforms.window import GlobalWindow
@@ -37,6 +39,15 @@ from transforms.kafka_io.watermarks import PartitionWatermarkEstimator
 
 _LOGGER = logging.getLogger(__name__)
 _GLOBAL_WINDOWS = (GlobalWindow(),)
+
+
+_READS = threading.local()
+
+
+def last_read_bundle():
+  """The bundle (instruction id) that last read records on this thread: a
+  writer fused with the read runs in the same bundle, on the same thread."""
+  return getattr(_READS, 'bundle', None)
 
 
 @dataclasses.dataclass
@@ -150,6 +161,7 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider,
   def _read(self, element, tracker, watermark, finalizer):
     """Reads from the restriction's start until it ends or checkpoints."""
     topic, partition, initial_start, _ = element
+    _READS.bundle = get_current_instruction_id()
     restriction = tracker.current_restriction()
     committer = (_OffsetCommitter.get(self._config)
                  if self._config.commits else None)
