@@ -40,7 +40,6 @@ Kafka with ``--bounded``).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -56,6 +55,7 @@ from runners import options as runner_options
 from transforms import csv_io
 from transforms import decode
 from transforms import kafka_io
+from transforms import flags
 from transforms import monitoring
 from transforms import problem as problem_lib
 from transforms import stats as feature_stats
@@ -121,11 +121,7 @@ class AnalyticsOptions(PipelineOptions):
     parser.add_argument('--training_stats', default=None,
                         help='stats.json of a training run: adds drift rows '
                         'and alerts.')
-    for field in dataclasses.fields(monitoring.DriftThresholds):
-      parser.add_argument(f'--drift_{field.name}',
-                          type=int if field.type in (int, 'int') else float,
-                          default=field.default,
-                          help=f'Alert threshold: {field.name}.')
+    flags.add_flags(parser, monitoring.DriftThresholds, prefix='drift_')
 
 
 def window_config(opts: AnalyticsOptions) -> windowing.WindowConfig:
@@ -137,9 +133,7 @@ def window_config(opts: AnalyticsOptions) -> windowing.WindowConfig:
 
 
 def drift_thresholds(opts: AnalyticsOptions) -> monitoring.DriftThresholds:
-  return monitoring.DriftThresholds(**{
-      f.name: getattr(opts, f'drift_{f.name}')
-      for f in dataclasses.fields(monitoring.DriftThresholds)})
+  return flags.from_flags(monitoring.DriftThresholds, opts, prefix='drift_')
 
 
 def _tagged(kind: str):
@@ -213,7 +207,8 @@ def read_kafka_records(pipeline, problem: Problem, opts: AnalyticsOptions):
           bounded=opts.bounded, event_time=decode.event_time(problem),
           watermark=kafka_io.WatermarkPolicy(
               max_out_of_orderness_s=(kafka.max_out_of_orderness or
-                                      DEFAULT_MAX_OUT_OF_ORDERNESS)),
+                                      DEFAULT_MAX_OUT_OF_ORDERNESS),
+              idle_timeout_s=kafka.idle_timeout_s),
           partition_discovery_s=kafka.partition_discovery_s,
           consumer_config=kafka.consumer_config)
       | 'DecodeEvents' >> decode.DecodeEvents(problem))

@@ -320,7 +320,8 @@ def build(pipeline: beam.Pipeline, opts: ServeOptions,
           auto_offset_reset=kafka.start, event_time=decode.event_time(problem),
           watermark=kafka_io.WatermarkPolicy(
               max_out_of_orderness_s=(kafka.max_out_of_orderness or
-                                      DEFAULT_MAX_OUT_OF_ORDERNESS)),
+                                      DEFAULT_MAX_OUT_OF_ORDERNESS),
+              idle_timeout_s=kafka.idle_timeout_s),
           checkpoint_interval_s=opts.bundle_secs,
           end_bundle_when_caught_up=opts.end_bundle_when_caught_up,
           poll_timeout_s=min(1.0, opts.bundle_secs),

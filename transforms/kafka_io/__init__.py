@@ -21,15 +21,17 @@ project, ``transforms.decode`` decodes the records):
 * ``dead_letters``: ``dead_letter``, ``original_bytes``, ``WriteDeadLetters``.
 * ``transactions``: ``WriteTransactionally`` (exactly-once).
 
-Example::
+Example (events are JSON objects with their event time in ``created_at``,
+Unix seconds)::
 
+    problem = problem_lib.load('houses')
     events = (p
-              | 'ReadTrips' >> kafka_io.ReadFromKafka(
-                  'broker:9092', ['trips'], group_id='serve',
-                  event_time=features.EVENT_TIME_KEY)
-              | 'DecodeTrips' >> decode.DecodeEvents())
+              | 'ReadSales' >> kafka_io.ReadFromKafka(
+                  'broker:9092', ['sales'], group_id='serve',
+                  event_time='created_at')
+              | 'DecodeSales' >> decode.DecodeEvents(problem))
     events.dead_letters | 'WriteDeadLetters' >> kafka_io.WriteDeadLetters(
-        'broker:9092', 'trips-dead-letters')
+        'broker:9092', 'sales-dead-letters')
 """
 
 from apache_beam.utils.timestamp import MIN_TIMESTAMP

@@ -2,7 +2,7 @@
 
 Each record is timestamped from ``event_time``: the Kafka record timestamp
 (``'kafka'``, default), a top-level JSON field in Unix seconds (e.g.
-``'trip_start_timestamp'``), or any callable. A record whose event time
+``'created_at'``), or any callable. A record whose event time
 cannot be read keeps its Kafka timestamp and is counted
 (``event_time_fallback``); it is decoded (and dead-lettered) downstream.
 """
@@ -24,7 +24,7 @@ class JsonFieldEventTime:
   """Event time from a top-level JSON field of the value, in seconds.
 
   Args:
-    field: e.g. ``features.EVENT_TIME_KEY`` ('trip_start_timestamp').
+    field: e.g. ``'created_at'``, or a problem's ``event_time.field``.
     unit_seconds: seconds per unit of the field (0.001 for milliseconds).
   """
 

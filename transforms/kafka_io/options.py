@@ -65,6 +65,11 @@ class KafkaOptions(PipelineOptions):
     parser.add_argument('--max_out_of_orderness', type=float, default=None,
                         help='Seconds: a partition\'s watermark is the max '
                         'event time seen minus this (default per pipeline).')
+    parser.add_argument('--idle_timeout_s', type=float, default=30.0,
+                        help='Seconds a caught-up partition waits without '
+                        'records before its watermark follows the wall '
+                        'clock (so an idle partition does not hold windows '
+                        'and timers back).')
     parser.add_argument('--consumer_config', type=json.loads, default={},
                         help='JSON of extra kafka-python consumer settings '
                         '(security_protocol, sasl_*, ssl_*...).')
