@@ -54,15 +54,21 @@ def kafka_topic(kafka_bootstrap: str,
 
 
 @pytest.fixture(scope='session')
-def taxi_model(tmp_path_factory) -> str:
-  """The model root (``<integer>/`` versions) of a taxi model trained once
-  per session (1 epoch) on the shipped data. Read-only: copy it to add
-  versions."""
+def taxi_training(tmp_path_factory) -> dict:
+  """A taxi model trained once per session (1 epoch) on the shipped data:
+  ``{'out': output dir, 'metrics': what train.run returned}``. Read-only."""
   from pipelines import train
   out = str(tmp_path_factory.mktemp('taxi-model'))
-  train.run(['--input', 'data/taxi_trips.csv', '--output_dir', out,
-             '--epochs', '1'])
-  return os.path.join(out, 'model')
+  metrics = train.run(['--input', 'data/taxi_trips.csv', '--output_dir', out,
+                       '--epochs', '1'])
+  return {'out': out, 'metrics': metrics}
+
+
+@pytest.fixture(scope='session')
+def taxi_model(taxi_training) -> str:
+  """The model root (``<integer>/`` versions) of ``taxi_training``.
+  Read-only: copy it to add versions."""
+  return os.path.join(taxi_training['out'], 'model')
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -76,6 +82,7 @@ def pytest_collection_modifyitems(config, items):
   """A test that uses the broker is an integration test (`make test-unit`
   leaves it out)."""
   for item in items:
-    if {'kafka_bootstrap', 'kafka_topic', 'bootstrap', 'taxi_model'} & set(
+    if {'kafka_bootstrap', 'kafka_topic', 'bootstrap', 'taxi_model',
+        'taxi_training'} & set(
         getattr(item, 'fixturenames', ())):
       item.add_marker(pytest.mark.integration)

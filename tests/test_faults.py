@@ -240,7 +240,7 @@ def test_serve_outlives_the_runner_state_stream_deadline(
        '--bootstrap_servers', kafka_bootstrap, '--input_topic', events_topic,
        '--output_topic', output, '--model_dir', taxi_model,
        '--group_id', events_topic, '--runner', 'prism',
-       '--job_server_timeout', '10', '--run_seconds', '60'],
+       '--job_server_timeout', '10', '--run_seconds', '40'],
       stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
   started = time.monotonic()
   predictions = TopicReader(kafka_bootstrap, output)
@@ -445,7 +445,10 @@ def _analytics(kafka_bootstrap, names, tmp_path, log, *extra):
        '--runner', 'flink', '--checkpointing_interval', '5000',
        '--state_backend_storage_path', (tmp_path / 'ckpt').as_uri(),
        '--window', 'fixed', '--size', '10', '--allowed_lateness', '0',
-       '--accumulation', 'accumulating', *extra],
+       '--accumulation', 'accumulating',
+       # A live stream sent in order: windows close 5 s after their end,
+       # and 5 s after the stream stops (not 60 s).
+       '--max_out_of_orderness', '5', '--idle_timeout_s', '5', *extra],
       stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -492,11 +495,14 @@ def test_analytics_on_flink_killed_and_restored_from_its_checkpoint(
   job = _analytics(kafka_bootstrap, names, tmp_path, log)
   sent = []
   flowing = threading.Thread(target=_send_live, args=(
-      kafka_bootstrap, names['events'], events, 10, sent))
+      kafka_bootstrap, names['events'], events, 20, sent))
   try:
+    # Events flow once the job runs (its first checkpoint), so that the
+    # kill, at half of them, is mid-stream however long Flink took to start.
+    _wait_for(lambda: checkpoints.latest_checkpoint(storage), 300,
+              'the first checkpoint', 0.5)
     flowing.start()
-    _wait_for(lambda: len(sent) >= 150 and checkpoints.latest_checkpoint(
-        storage), 300, 'a checkpoint with 150 events sent', 0.5)
+    _wait_for(lambda: len(sent) >= 150, 60, '150 events sent', 0.2)
     _kill_group(job)
     sent_at_kill = len(sent)
     before = _counted(stats.until(10**9, 2)) + len(late.items)
