@@ -74,10 +74,6 @@ class AnalyticsOptions(PipelineOptions):
   def _add_argparse_args(cls, parser):
     # Kafka flags (--bootstrap_servers, --input_topic, --output_topic...) are
     # shared by every pipeline: kafka_io.KafkaOptions.
-    parser.add_argument('--late_topic', default=None,
-                        help='Default <problem>-late.')
-    parser.add_argument('--alerts_topic', default=None,
-                        help='Default <problem>-alerts.')
     parser.add_argument('--bounded', action='store_true',
                         help='Read Kafka up to the end offsets at launch.')
     parser.add_argument('--input_csv', default=None,
@@ -85,51 +81,12 @@ class AnalyticsOptions(PipelineOptions):
     parser.add_argument('--output_path', default=None,
                         help='Directory for JSON lines outputs instead of '
                         'Kafka topics (bounded input only).')
-    # The windowing: one flag per WindowConfig field.
-    defaults = windowing.WindowConfig()
-    parser.add_argument('--window', choices=[k.value for k in
-                                             windowing.WindowKind],
-                        default=defaults.kind.value)
-    parser.add_argument('--size', type=float, default=defaults.size,
-                        help='Window length, seconds (fixed, sliding).')
-    parser.add_argument('--period', type=float, default=defaults.period,
-                        help='Sliding window period, seconds.')
-    parser.add_argument('--gap', type=float, default=defaults.gap,
-                        help='Session gap, seconds.')
-    parser.add_argument('--allowed_lateness', type=float,
-                        default=defaults.allowed_lateness,
-                        help='Seconds after the window end that late data '
-                        'is still aggregated (LATE panes).')
-    parser.add_argument('--early_every', type=float,
-                        default=defaults.early_every,
-                        help='Processing-time seconds between EARLY panes; '
-                        '0 for none.')
-    parser.add_argument('--late_every', type=int, default=defaults.late_every,
-                        help='A LATE pane after every N late elements.')
-    parser.add_argument('--accumulation',
-                        choices=[a.value for a in windowing.Accumulation],
-                        default=defaults.accumulation.value)
-    parser.add_argument('--key', default=defaults.key,
-                        help='Raw feature the aggregates are grouped by '
-                        '(default: the problem\'s entity key).')
-    parser.add_argument('--shards', type=int, default=defaults.shards,
-                        help='Parallelism of the late-data splitter.')
-    parser.add_argument('--lateness_margin', type=float, default=None,
-                        help='Extra seconds windows stay open past the '
-                        'allowed lateness; default one window step.')
+    # The windowing flags (--window, --size...): windowing.WindowOptions.
     # Drift mode.
     parser.add_argument('--training_stats', default=None,
                         help='stats.json of a training run: adds drift rows '
                         'and alerts.')
     flags.add_flags(parser, monitoring.DriftThresholds, prefix='drift_')
-
-
-def window_config(opts: AnalyticsOptions) -> windowing.WindowConfig:
-  return windowing.WindowConfig(
-      kind=opts.window, size=opts.size, period=opts.period, gap=opts.gap,
-      allowed_lateness=opts.allowed_lateness, early_every=opts.early_every,
-      late_every=opts.late_every, accumulation=opts.accumulation,
-      key=opts.key, shards=opts.shards, lateness_margin=opts.lateness_margin)
 
 
 def drift_thresholds(opts: AnalyticsOptions) -> monitoring.DriftThresholds:
@@ -226,8 +183,8 @@ def write_kafka(problem: Problem, outputs: dict[str, Any], dead_letters,
   bootstrap = kafka_io.bootstrap_servers(opts)
   kafka = opts.view_as(kafka_io.KafkaOptions)
   topics = {'rows': kafka.output_topic or problem.topic('stats'),
-            'late': opts.late_topic or problem.topic('late'),
-            'alerts': opts.alerts_topic or problem.topic('alerts')}
+            'late': kafka.late_topic or problem.topic('late'),
+            'alerts': kafka.alerts_topic or problem.topic('alerts')}
   rows = tuple(outputs[k] for k in ('stats', 'drift', 'quality')
                if k in outputs) | 'MergeRows' >> beam.Flatten()
   streams = {'rows': rows, 'late': outputs['late']}
@@ -270,7 +227,7 @@ def run(argv: Optional[list[str]] = None):
   opts = options.view_as(AnalyticsOptions)
   problem = problem_lib.load(
       options.view_as(problem_lib.ProblemOptions).problem)
-  config = window_config(opts)
+  config = windowing.window_config(options)
   training_stats = (feature_stats.read_stats(opts.training_stats)
                     if opts.training_stats else None)
   if streaming:

@@ -64,22 +64,12 @@ class QualityOptions(PipelineOptions):
                         help='Default <problem>-feedback.')
     parser.add_argument('--quality_topic', default=None,
                         help='Default <problem>-quality.')
-    parser.add_argument('--alerts_topic', default=None,
-                        help='Default <problem>-alerts.')
-    parser.add_argument('--late_topic', default=None,
-                        help='Default <problem>-feedback-late.')
     parser.add_argument('--labels_in_predictions', action='store_true',
                         help='A prediction that carries its event\'s label '
                         'is its own feedback, known at the event time.')
     parser.add_argument('--label_ttl', type=float, default=3600.0,
                         help='Seconds after an event that its label may come.')
-    parser.add_argument('--size', type=float, default=600.0,
-                        help='Quality window length, seconds.')
-    parser.add_argument('--allowed_lateness', type=float, default=3600.0,
-                        help='Seconds a window still takes late pairs.')
-    parser.add_argument('--early_every', type=float, default=0.0,
-                        help='Processing-time seconds between EARLY panes; '
-                        '0 for none.')
+    # The windows: windowing.WindowOptions (--window, --size...).
     flags.add_flags(parser, F.QualityThresholds)
 
 
@@ -93,8 +83,8 @@ def topics(problem: Problem, opts: QualityOptions) -> dict[str, str]:
       PREDICTIONS: opts.predictions_topic or problem.topic('predictions'),
       FEEDBACK: opts.feedback_topic or problem.topic('feedback'),
       'quality': opts.quality_topic or problem.topic('quality'),
-      'alerts': opts.alerts_topic or problem.topic('alerts'),
-      'late': opts.late_topic or problem.topic('feedback-late'),
+      'alerts': kafka.alerts_topic or problem.topic('alerts'),
+      'late': kafka.late_topic or problem.topic('feedback-late'),
       DEAD_LETTERS: kafka.dead_letter_topic or problem.topic('dead-letters')}
 
 
@@ -162,9 +152,7 @@ def build(problem: Problem, predictions, feedback, opts: QualityOptions
   and feedback."""
   joined = {PREDICTIONS: predictions, FEEDBACK: feedback} | (
       'JoinFeedback' >> F.JoinFeedback(opts.label_ttl))
-  config = windowing.WindowConfig(
-      kind='fixed', size=opts.size, allowed_lateness=opts.allowed_lateness,
-      early_every=opts.early_every)
+  config = windowing.window_config(opts)
   quality = joined['joined'] | 'LiveQuality' >> F.LiveQuality(problem, config)
   alerts = quality['quality'] | 'Alerts' >> beam.FlatMap(
       F.quality_alerts, thresholds(opts))

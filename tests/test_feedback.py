@@ -185,6 +185,8 @@ def test_live_regression_and_multiclass_quality_equal_offline_metrics(
   assert row['mae'] == pytest.approx(skm.mean_absolute_error(true, pred))
   assert row['rmse'] == pytest.approx(
       math.sqrt(skm.mean_squared_error(true, pred)))
+  assert row['mape'] == pytest.approx(
+      skm.mean_absolute_percentage_error(true, pred))
   n = len(EXASENS.label.classes)
   pairs = []
   for i in range(150):

@@ -701,3 +701,20 @@ def test_dataflow_job_graphs_of_train_and_serve(tmp_path, monkeypatch):
           'Predict/RunInference', 'WritePredictions', 'MergeDeadLetters',
           'WriteDecodeDeadLetters', 'WritePredictDeadLetters',
           'WriteBatchDeadLetters', 'WriteUnwritableDeadLetters'} <= names
+
+
+def test_every_jobs_flags_parse_together():
+  """Beam parses the flags of every imported PipelineOptions class with one
+  parser (``get_all_options``, e.g. when a job is submitted): two jobs that
+  declare the same flag in one process fail to launch. Shared flags live in
+  shared classes (``kafka_io.KafkaOptions``, ``windowing.WindowOptions``)."""
+  import importlib
+  from apache_beam.options.pipeline_options import PipelineOptions
+  for module in ('pipelines.train', 'pipelines.serve', 'pipelines.analytics',
+                 'pipelines.quality', 'tools.demo', 'benchmarks.serve_bench',
+                 'benchmarks.soak_bench'):
+    importlib.import_module(module)
+  options = PipelineOptions(['--size', '60', '--alerts_topic', 'a',
+                             '--min_auc', '0.7']).get_all_options()
+  assert (options['size'], options['alerts_topic'], options['min_auc']) == (
+      60.0, 'a', 0.7)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -48,9 +49,10 @@ def percentiles(values: list[float], points=(50, 95, 99)) -> dict[str, float]:
 
 def collect(bootstrap: str, topic: str, expected: int, timeout_s: float,
             label: str, progress: TextIO = sys.stdout,
-            read_committed: bool = False
+            read_committed: bool = False, count=len
             ) -> list[tuple[int, dict[str, Any]]]:
-  """(append time ms, JSON value) of the first ``expected`` messages.
+  """(append time ms, JSON value) of the messages until ``count`` of them
+  (default: how many) reaches ``expected``.
 
   With ``read_committed`` (output of an exactly-once job) only committed
   messages are read, and the time is when this reader received them: a
@@ -66,13 +68,15 @@ def collect(bootstrap: str, topic: str, expected: int, timeout_s: float,
   deadline = time.monotonic() + timeout_s
   last_print = 0.0
   try:
-    while len(got) < expected and time.monotonic() < deadline:
+    while count(got) < expected and time.monotonic() < deadline:
       for message in consumer:
         got.append((int(time.time() * 1000) if read_committed
                     else message.timestamp, json.loads(message.value)))
+        if count(got) >= expected:
+          break
       if time.monotonic() - last_print > 2:
         last_print = time.monotonic()
-        print(f'[demo] {label}: {len(got)}/{expected}', file=progress,
+        print(f'[demo] {label}: {count(got)}/{expected}', file=progress,
               flush=True)
   finally:
     consumer.close()
@@ -81,19 +85,63 @@ def collect(bootstrap: str, topic: str, expected: int, timeout_s: float,
 
 def live_quality(problem: Problem, predictions: list[dict[str, Any]]
                  ) -> dict[str, Any]:
-  """Quality of the streamed predictions whose events carried the label."""
-  labelled = [p for p in predictions if p['label'] is not None]
-  if not labelled:
-    return {'labelled': 0}
-  if problem.task is Task.REGRESSION:
-    errors = [abs(p['prediction'] - p['label']) for p in labelled]
-    return {'labelled': len(labelled),
-            'mae': round(sum(errors) / len(errors), 2),
-            'mape': round(sum(e / abs(p['label']) for e, p in
-                              zip(errors, labelled)) / len(labelled), 4)}
-  correct = sum(p['class'] == p['label'] for p in labelled)
-  return {'labelled': len(labelled),
-          'accuracy': round(correct / len(labelled), 4)}
+  """Quality of all the streamed predictions whose events carried the
+  label, with the streaming quality job's metrics (``transforms.feedback``)."""
+  from transforms import feedback
+  acc = feedback.new_quality()
+  for p in predictions:
+    if p['label'] is not None:
+      feedback.add_pair(problem, acc, p)
+  return {k: round(v, 4) if isinstance(v, float) else v
+          for k, v in feedback.quality_summary(problem, acc).items()}
+
+
+def quality_windows(problem: Problem, problem_spec: str, bootstrap: str,
+                    predictions_topic: str, predictions: list[dict[str, Any]],
+                    suffix: str, runner_args: list[str]) -> list[dict]:
+  """Live quality per event-time window, from the streaming quality job
+  (``pipelines.quality``) reading the predictions topic, each event's own
+  label as its feedback: four windows over the events' time span."""
+  from pipelines import quality
+  times = [p['event_time_ms'] for p in predictions if p['label'] is not None]
+  if not times:
+    return []
+  size = max(10, math.ceil((max(times) - min(times)) / 1000 / 4))
+  expected = {t // 1000 - (t // 1000) % size for t in times}
+  topics = {role: f'{problem.topic(role)}-{suffix}'
+            for role in ('feedback', 'quality', 'quality-alerts',
+                         'feedback-late', 'quality-dead-letters')}
+  for topic in topics.values():
+    kafka_runner.create_topic(bootstrap, topic)
+  print(f'[demo] live quality: the streaming quality job joins each '
+        f'prediction to its label, in {len(expected)} windows of {size:,} s',
+        flush=True)
+  result = quality.start([
+      '--problem', problem_spec, '--bootstrap_servers', bootstrap,
+      '--predictions_topic', predictions_topic,
+      '--feedback_topic', topics['feedback'],
+      '--quality_topic', topics['quality'],
+      '--alerts_topic', topics['quality-alerts'],
+      '--late_topic', topics['feedback-late'],
+      '--dead_letter_topic', topics['quality-dead-letters'],
+      '--labels_in_predictions', '--label_ttl', '60', '--size', str(size),
+      # Replayed in event-time order, a bundle apart at most; the topics
+      # go quiet once read, and the watermark then closes every window.
+      '--max_out_of_orderness', str(size), '--idle_timeout_s', '5',
+      '--group_id', f'demo-quality-{suffix}'] + runner_args)
+  windows = lambda got: len({row['window_start_s'] for _, row in got})
+  try:
+    rows = collect(bootstrap, topics['quality'], len(expected), 180,
+                   'quality windows', count=windows)
+  finally:
+    result.cancel()
+  # Accumulating panes: a window's newest pane holds all of it.
+  newest = {}
+  for _, row in rows:
+    key = row['window_start_s']
+    if row['pane_index'] >= newest.get(key, {'pane_index': -1})['pane_index']:
+      newest[key] = row
+  return [newest[key] for key in sorted(newest)]
 
 
 def is_valid(problem: Problem, event: dict[str, Any]) -> bool:
@@ -148,7 +196,9 @@ def run_demo(problem: Problem, data: str, bootstrap: str, work_dir: str,
     producer.close()
     dead = collect(bootstrap, topics['dead-letters'], len(BAD_EVENTS), 180,
                    'dead letters')
-    events = replay.load_events(problem, data, split='eval')
+    # In event-time order: the quality windows below close in order.
+    events = replay.load_events(problem, data, split='eval',
+                                order='event_time')
     # Rows the parser rejects (houses sold at price 0) are replayed too:
     # they must come back as dead letters, not predictions.
     invalid = sum(not is_valid(problem, event) for _, event in events)
@@ -160,6 +210,11 @@ def run_demo(problem: Problem, data: str, bootstrap: str, work_dir: str,
                           len(events) - invalid, 300, 'predictions')
     dead = collect(bootstrap, topics['dead-letters'],
                    len(BAD_EVENTS) + invalid, 60, 'dead letters')
+    # Serving stays up (idle) meanwhile: a cancelled job's worker threads
+    # complain on stderr for as long as this process goes on.
+    windows = quality_windows(problem, problem_spec, bootstrap,
+                              topics['predictions'],
+                              [p for _, p in predictions], suffix, runner_args)
   finally:
     result.cancel()
 
@@ -183,6 +238,15 @@ def run_demo(problem: Problem, data: str, bootstrap: str, work_dir: str,
       'end_to_end_latency_ms': percentiles(latency),
   }
   print('[demo] summary: ' + json.dumps(summary, indent=2))
+  live = {Task.BINARY: 'auc', Task.MULTICLASS: 'accuracy',
+          Task.REGRESSION: 'mape'}[problem.task]
+  print(f'\n[demo] live {live} per event-time window (streaming quality job) '
+        f'against training eval {live} {metrics[live]:.4f}:')
+  for row in windows:
+    value = row.get(live)
+    print(f"  {row['window_start'][:10]} .. {row['window_end'][:10]}  "
+          f"labelled {row['labelled']:5d}  {live} "
+          f"{'n/a' if value is None else f'{value:.4f}'}")
   ok = (len(predictions) == len(events) - invalid
         and len(dead) == len(BAD_EVENTS) + invalid)
   if not ok:

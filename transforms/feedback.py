@@ -36,8 +36,9 @@ pair was complete: the quality of the labels known in that window), per model
 and version, with late pairs as an explicit output (``transforms.windowing``),
 and reports per task: binary AUC, accuracy, log loss, mean predicted
 probability against the observed positive rate and the expected calibration
-error (10 bins); multi-class accuracy and log loss; regression MAE, RMSE and
-the mean prediction and label; always the number of labelled events.
+error (10 bins); multi-class accuracy and log loss; regression MAE, RMSE,
+MAPE (over non-zero labels) and the mean prediction and label; always the
+number of labelled events.
 ``quality_alerts`` turns a window whose metric crosses a threshold into an
 alert record with its evidence.
 """
@@ -253,11 +254,12 @@ class JoinFeedback(beam.PTransform):
     self._ttl_s = ttl_s
 
   def expand(self, inputs):
+    keyed = beam.typehints.Tuple[str, Any]  # a deterministic key coder
     tagged = (
         (inputs['predictions'] | 'TagPredictions' >> beam.Map(
-            lambda kv: (kv[0], (PREDICTION, kv[1]))),
+            lambda kv: (kv[0], (PREDICTION, kv[1]))).with_output_types(keyed),
          inputs['feedback'] | 'TagFeedback' >> beam.Map(
-             lambda kv: (kv[0], (LABEL, kv[1]))))
+             lambda kv: (kv[0], (LABEL, kv[1]))).with_output_types(keyed))
         | 'Merge' >> beam.Flatten()
         | 'Rewindow' >> beam.WindowInto(W.GlobalWindows()))
     out = tagged | 'Join' >> beam.ParDo(_JoinFn(self._ttl_s)).with_outputs(
@@ -270,7 +272,8 @@ class JoinFeedback(beam.PTransform):
 
 def new_quality() -> dict[str, Any]:
   return {'n': 0, 'correct': 0, 'log_loss': 0.0, 'log_loss_n': 0,
-          'abs': 0.0, 'sq': 0.0, 'pred': 0.0, 'label': 0.0, 'scores': []}
+          'abs': 0.0, 'sq': 0.0, 'ape': 0.0, 'ape_n': 0, 'pred': 0.0,
+          'label': 0.0, 'scores': []}
 
 
 def add_pair(problem: Problem, acc: dict[str, Any],
@@ -282,6 +285,9 @@ def add_pair(problem: Problem, acc: dict[str, Any],
     p = float(pair['prediction'])
     acc['abs'] += abs(p - y)
     acc['sq'] += (p - y) ** 2
+    if y:
+      acc['ape'] += abs(p - y) / abs(y)
+      acc['ape_n'] += 1
     acc['pred'] += p
     acc['label'] += y
     return acc
@@ -348,6 +354,7 @@ def quality_summary(problem: Problem, acc: dict[str, Any]) -> dict[str, Any]:
     return out
   if problem.label.task is Task.REGRESSION:
     out.update(mae=acc['abs'] / n, rmse=math.sqrt(acc['sq'] / n),
+               mape=acc['ape'] / acc['ape_n'] if acc['ape_n'] else None,
                mean_prediction=acc['pred'] / n, mean_label=acc['label'] / n)
     return out
   out['accuracy'] = acc['correct'] / n

@@ -67,6 +67,7 @@ from typing import Any, Iterable, NamedTuple, Optional
 import apache_beam as beam
 from apache_beam.coders import BooleanCoder, VarIntCoder
 from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.transforms import trigger as T
 from apache_beam.transforms import userstate
 from apache_beam.transforms import window as W
@@ -176,6 +177,54 @@ class WindowConfig:
 
 
 # ---------------------------------------------------------------- plain logic
+
+class WindowOptions(PipelineOptions):
+  """The windowing flags of the jobs that window (analytics, quality): one
+  per ``WindowConfig`` field."""
+
+  @classmethod
+  def _add_argparse_args(cls, parser):
+    defaults = WindowConfig()
+    parser.add_argument('--window', choices=[k.value for k in WindowKind],
+                        default=defaults.kind.value)
+    parser.add_argument('--size', type=float, default=defaults.size,
+                        help='Window length, seconds (fixed, sliding).')
+    parser.add_argument('--period', type=float, default=defaults.period,
+                        help='Sliding window period, seconds.')
+    parser.add_argument('--gap', type=float, default=defaults.gap,
+                        help='Session gap, seconds.')
+    parser.add_argument('--allowed_lateness', type=float,
+                        default=defaults.allowed_lateness,
+                        help='Seconds after the window end that late data '
+                        'is still aggregated (LATE panes).')
+    parser.add_argument('--early_every', type=float,
+                        default=defaults.early_every,
+                        help='Processing-time seconds between EARLY panes; '
+                        '0 for none.')
+    parser.add_argument('--late_every', type=int, default=defaults.late_every,
+                        help='A LATE pane after every N late elements.')
+    parser.add_argument('--accumulation',
+                        choices=[a.value for a in Accumulation],
+                        default=defaults.accumulation.value)
+    parser.add_argument('--key', default=defaults.key,
+                        help='Raw feature the aggregates are grouped by '
+                        '(default: the problem\'s entity key).')
+    parser.add_argument('--shards', type=int, default=defaults.shards,
+                        help='Parallelism of the late-data splitter.')
+    parser.add_argument('--lateness_margin', type=float, default=None,
+                        help='Extra seconds windows stay open past the '
+                        'allowed lateness; default one window step.')
+
+
+def window_config(options: PipelineOptions) -> WindowConfig:
+  """The ``WindowConfig`` the windowing flags describe."""
+  opts = options.view_as(WindowOptions)
+  return WindowConfig(
+      kind=opts.window, size=opts.size, period=opts.period, gap=opts.gap,
+      allowed_lateness=opts.allowed_lateness, early_every=opts.early_every,
+      late_every=opts.late_every, accumulation=opts.accumulation,
+      key=opts.key, shards=opts.shards, lateness_margin=opts.lateness_margin)
+
 
 def expiry_micros(window: W.BoundedWindow, allowed_lateness: float) -> int:
   """When ``window`` expires: the GroupByKey drops its elements after this."""

@@ -56,6 +56,12 @@ class KafkaOptions(PipelineOptions):
     parser.add_argument('--dead_letter_topic', default=None,
                         help='Topic of events that failed, with reasons '
                         '(default per pipeline: <problem>-dead-letters).')
+    parser.add_argument('--late_topic', default=None,
+                        help='Records too late for their window or TTL '
+                        '(analytics, quality); default per pipeline.')
+    parser.add_argument('--alerts_topic', default=None,
+                        help='Alerts (analytics, quality); default '
+                        '<problem>-alerts.')
     parser.add_argument('--group_id', default=None,
                         help='Consumer group whose committed offsets a '
                         'restarted job resumes from (default per pipeline).')

@@ -50,6 +50,12 @@ def last_read_bundle():
   return getattr(_READS, 'bundle', None)
 
 
+def _closed_by_teardown(error: Exception) -> bool:
+  """kafka-python's error for a consumer closed while it was polled."""
+  from kafka.errors import IllegalStateError
+  return isinstance(error, IllegalStateError) and 'closed' in str(error)
+
+
 @dataclasses.dataclass
 class _ReadProgress:
   next_offset: int
@@ -175,6 +181,12 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider,
       yield from self._poll(topic, partition, tracker, watermark, progress)
       self._outage_since.pop((topic, partition), None)
     except Exception as e:  # pylint: disable=broad-except
+      if _closed_by_teardown(e):
+        # The runner tore this reader down (a cancelled job, a worker being
+        # shut down) while the bundle read: hand the rest back quietly.
+        self._consumers.pop((topic, partition), None)
+        tracker.defer_remainder(Duration.of(1.0))
+        return
       if not is_retriable(e):
         raise
       # The broker is unreachable (or the partition has no leader): wait it
