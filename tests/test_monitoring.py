@@ -160,3 +160,10 @@ def test_regression_quality_is_mae_rmse_mape_of_the_labelled_events():
       math.sqrt(sum(e * e for e in errors) / 50))
   assert quality['mape'] == pytest.approx(0.1)
   assert 'accuracy' not in quality
+
+
+def test_monitor_merges_no_accumulators_into_an_empty_one():
+  """A runner may merge none (Flink did, for a window restored after a lost
+  TaskManager): the empty accumulator, not a StopIteration."""
+  monitor = M.MonitorFn(TAXI, training_stats())
+  assert monitor.merge_accumulators([]) == monitor.create_accumulator()

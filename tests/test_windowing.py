@@ -175,6 +175,19 @@ def test_taxi_summary_means_and_tip_rate():
       'tips_mean': 3.0, 'tip_rate': 6.0 / 40.0}
 
 
+def test_combine_fns_merge_no_accumulators_into_an_empty_one():
+  """Flink merged none for a window restored after a lost TaskManager: an
+  empty merge is the empty accumulator, not a StopIteration (the monitor's:
+  tests/test_monitoring.py)."""
+  from transforms import feedback
+  fn = windowing.AggregateFn(TAXI)
+  assert fn.merge_accumulators([]) == fn.create_accumulator()
+  assert fn.extract_output(fn.merge_accumulators(iter([])))['count'] == 0
+  quality = feedback.QualityFn(TAXI)
+  assert quality.extract_output(quality.merge_accumulators([])) == {
+      'labelled': 0}
+
+
 def test_houses_summary_min_max_and_price_per_sqft():
   houses = P.load('houses')
   rows = [r for r in R.read_csv(houses, 'data/houses.csv')][:3]

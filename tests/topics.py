@@ -27,7 +27,8 @@ class TopicReader:
         self.items.append(json.loads(message.value))
         # Not only when the topic pauses: a steady stream would otherwise
         # be read to its end before the caller sees ``expected``.
-        if len(self.items) >= expected or time.monotonic() >= deadline:
+        if len(self.items) >= expected or time.monotonic() >= deadline or (
+            done is not None and done(self.items)):
           break
       if done is not None and done(self.items):
         break
@@ -35,6 +36,13 @@ class TopicReader:
 
   def close(self) -> None:
     self._consumer.close()
+
+
+def every(ids, field: str = 'event_id'):
+  """A ``done`` for ``TopicReader.until``: every one of ``ids`` was read
+  (duplicates do not count towards it)."""
+  wanted = set(ids)
+  return lambda items: wanted <= {item.get(field) for item in items}
 
 
 def consume_all(bootstrap: str, topic: str, expected: int | None = None,

@@ -305,7 +305,8 @@ class MonitorFn(beam.CombineFn):
     return add_scored(self._problem, acc, self._plans, scored)
 
   def merge_accumulators(self, accs):
-    return merge_accumulators(accs)
+    accs = list(accs)  # a runner may merge none (windowing.merge_aggregates)
+    return merge_accumulators(accs) if accs else new_accumulator(self._plans)
 
   def extract_output(self, acc):
     return acc

@@ -309,7 +309,12 @@ def add_record(problem: Problem, acc: list, record: Record) -> list:
 
 def merge_aggregates(problem: Problem, accs: Iterable[list]) -> list:
   accs = iter(accs)
-  merged = list(next(accs))
+  first = next(accs, None)
+  if first is None:
+    # No accumulators at all: a runner may merge none (Flink did, for a
+    # window restored after a lost TaskManager).
+    return new_aggregate(problem)
+  merged = list(first)
   for acc in accs:
     merged[0] += acc[0]
     i = 1
