@@ -244,7 +244,10 @@ def run_demo(problem: Problem, data: str, bootstrap: str, work_dir: str,
         f'against training eval {live} {metrics[live]:.4f}:')
   for row in windows:
     value = row.get(live)
-    print(f"  {row['window_start'][:10]} .. {row['window_end'][:10]}  "
+    # Dates for day-long windows and more, else times of day.
+    cut = (slice(0, 10) if row['window_end_s'] - row['window_start_s'] >= 86400
+           else slice(11, 19))
+    print(f"  {row['window_start'][cut]} .. {row['window_end'][cut]}  "
           f"labelled {row['labelled']:5d}  {live} "
           f"{'n/a' if value is None else f'{value:.4f}'}")
   ok = (len(predictions) == len(events) - invalid
