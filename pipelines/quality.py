@@ -191,10 +191,8 @@ def start(argv: Optional[list[str]] = None):
           group_id=kafka.group_id or DEFAULT_GROUP_ID,
           auto_offset_reset=kafka.start,
           event_time=InputEventTime(names[PREDICTIONS]),
-          watermark=kafka_io.WatermarkPolicy(
-              max_out_of_orderness_s=(kafka.max_out_of_orderness or
-                                      DEFAULT_MAX_OUT_OF_ORDERNESS),
-              idle_timeout_s=kafka.idle_timeout_s),
+          watermark=kafka_io.policy_from_flags(
+              kafka, DEFAULT_MAX_OUT_OF_ORDERNESS),
           partition_discovery_s=kafka.partition_discovery_s,
           consumer_config=kafka.consumer_config)
       | 'Decode' >> beam.ParDo(DecodeInputsFn(

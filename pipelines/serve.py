@@ -318,10 +318,8 @@ def build(pipeline: beam.Pipeline, opts: ServeOptions,
           # Exactly-once: the output transactions commit the offsets.
           commit_offsets=not exactly_once, give_up_s=kafka.give_up_s,
           auto_offset_reset=kafka.start, event_time=decode.event_time(problem),
-          watermark=kafka_io.WatermarkPolicy(
-              max_out_of_orderness_s=(kafka.max_out_of_orderness or
-                                      DEFAULT_MAX_OUT_OF_ORDERNESS),
-              idle_timeout_s=kafka.idle_timeout_s),
+          watermark=kafka_io.policy_from_flags(
+              kafka, DEFAULT_MAX_OUT_OF_ORDERNESS),
           checkpoint_interval_s=opts.bundle_secs,
           end_bundle_when_caught_up=opts.end_bundle_when_caught_up,
           poll_timeout_s=min(1.0, opts.bundle_secs),

@@ -46,7 +46,8 @@ from transforms.kafka_io.partitions import UNBOUNDED_STOP, resolve_partitions
 from transforms.kafka_io.reader import ReadFromKafka
 from transforms.kafka_io.record import METRICS_NAMESPACE, KafkaRecord
 from transforms.kafka_io.watermarks import (PartitionWatermarkEstimator,
-                                            PeerWatermarks, WatermarkPolicy)
+                                            PeerWatermarks, WatermarkPolicy,
+                                            policy_from_flags)
 from transforms.kafka_io.transactions import Output, WriteTransactionally
 from transforms.kafka_io.writer import (Unwritable, WriteToKafka,
                                         log_unwritable)
@@ -57,7 +58,8 @@ __all__ = [
     'Unwritable', 'original_bytes', 'Output', 'WriteTransactionally',
     'log_unwritable',
     'AT_LEAST_ONCE', 'EXACTLY_ONCE',
-    'WatermarkPolicy', 'WriteDeadLetters', 'WriteToKafka', 'bootstrap_servers',
+    'WatermarkPolicy', 'policy_from_flags', 'WriteDeadLetters',
+    'WriteToKafka', 'bootstrap_servers',
     'dead_letter', 'event_time_fn', 'kafka_timestamp',
     'resolve_partitions',
 ]

@@ -41,6 +41,8 @@ from typing import Callable, Iterable, Optional
 from apache_beam.io.iobase import WatermarkEstimator
 from apache_beam.utils.timestamp import MAX_TIMESTAMP, MIN_TIMESTAMP, Timestamp
 
+from transforms.kafka_io.options import KafkaOptions
+
 @dataclasses.dataclass(frozen=True)
 class WatermarkPolicy:
   """How a partition's watermark follows its records (see module docstring).
@@ -57,6 +59,17 @@ class WatermarkPolicy:
   max_out_of_orderness_s: float = 10.0
   idle_timeout_s: Optional[float] = 30.0
   max_future_s: float = 3600.0
+
+
+def policy_from_flags(kafka: KafkaOptions,
+                      default_max_out_of_orderness_s: float
+                      ) -> WatermarkPolicy:
+  """The policy ``--max_out_of_orderness`` (else the job's default) and
+  ``--idle_timeout_s`` describe."""
+  return WatermarkPolicy(
+      max_out_of_orderness_s=(kafka.max_out_of_orderness or
+                              default_max_out_of_orderness_s),
+      idle_timeout_s=kafka.idle_timeout_s)
 
 
 class PeerWatermarks:
