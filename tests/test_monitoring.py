@@ -163,7 +163,8 @@ def test_regression_quality_is_mae_rmse_mape_of_the_labelled_events():
 
 
 def test_monitor_merges_no_accumulators_into_an_empty_one():
-  """A runner may merge none (Flink did, for a window restored after a lost
-  TaskManager): the empty accumulator, not a StopIteration."""
+  """Flink merges none for the empty pane it fires when a window's timers
+  fire one by one (windowing.DropEmptyPanes): the empty accumulator, not a
+  StopIteration."""
   monitor = M.MonitorFn(TAXI, training_stats())
   assert monitor.merge_accumulators([]) == monitor.create_accumulator()

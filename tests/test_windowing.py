@@ -175,10 +175,31 @@ def test_taxi_summary_means_and_tip_rate():
       'tips_mean': 3.0, 'tip_rate': 6.0 / 40.0}
 
 
+def test_empty_on_time_pane_is_not_emitted():
+  """Beam fires the on-time pane even with nothing in it (here: discarding,
+  everything went out in the early pane). Such a pane is dropped - on Flink
+  a second, empty "last" pane of a window overwrote its real total
+  (windowing.DropEmptyPanes; tests/test_faults.py restores on Flink)."""
+  config = WindowConfig(kind='fixed', size=60, early_every=10,
+                        accumulation='discarding')
+  stream = (
+      test_stream.TestStream()
+      .advance_watermark_to(0)
+      .add_elements([trip(8, 10), trip(8, 20)])
+      .advance_processing_time(11)            # EARLY pane: both elements
+      .advance_watermark_to(60)               # ON_TIME pane: empty
+      .add_elements([trip(9, 70)])
+      .advance_watermark_to_infinity())
+  run(stream, config,
+      expected_panes=[(8, 0, 60, 'EARLY', 0, 2),
+                      (9, 60, 120, 'ON_TIME', 0, 1)],
+      expected_late=[])
+
+
 def test_combine_fns_merge_no_accumulators_into_an_empty_one():
-  """Flink merged none for a window restored after a lost TaskManager: an
-  empty merge is the empty accumulator, not a StopIteration (the monitor's:
-  tests/test_monitoring.py)."""
+  """Flink merges none for the empty pane it fires when a window's timers
+  fire one by one: the empty accumulator, not a StopIteration (the
+  monitor's: tests/test_monitoring.py)."""
   from transforms import feedback
   fn = windowing.AggregateFn(TAXI)
   assert fn.merge_accumulators([]) == fn.create_accumulator()

@@ -451,5 +451,7 @@ class LiveQuality(beam.PTransform):
         key_name='model_key', describe=dict)
     quality = (windowed['windowed']
                | 'Quality' >> beam.CombinePerKey(QualityFn(self._problem))
+               | 'NonEmpty' >> windowing.DropEmptyPanes(
+                   lambda summary: summary['labelled'])
                | 'Format' >> beam.ParDo(_FormatQualityFn()))
     return {'quality': quality, 'late': windowed['late']}

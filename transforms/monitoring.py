@@ -305,7 +305,7 @@ class MonitorFn(beam.CombineFn):
     return add_scored(self._problem, acc, self._plans, scored)
 
   def merge_accumulators(self, accs):
-    accs = list(accs)  # a runner may merge none (windowing.merge_aggregates)
+    accs = list(accs)  # none: an empty pane (windowing.DropEmptyPanes)
     return merge_accumulators(accs) if accs else new_accumulator(self._plans)
 
   def extract_output(self, acc):
@@ -380,6 +380,7 @@ class MonitorPredictions(beam.PTransform):
         split['windowed']
         | 'CombineWindow' >> beam.CombinePerKey(
             MonitorFn(self._problem, self._stats))
+        | 'NonEmpty' >> windowing.DropEmptyPanes(lambda acc: acc[0][0])
         | 'Report' >> beam.ParDo(_ReportFn(
             self._problem, self._stats, self._thresholds,
             self._alert_on_early)

@@ -311,8 +311,7 @@ def merge_aggregates(problem: Problem, accs: Iterable[list]) -> list:
   accs = iter(accs)
   first = next(accs, None)
   if first is None:
-    # No accumulators at all: a runner may merge none (Flink did, for a
-    # window restored after a lost TaskManager).
+    # No accumulators at all: an empty pane (see DropEmptyPanes).
     return new_aggregate(problem)
   merged = list(first)
   for acc in accs:
@@ -574,6 +573,47 @@ class WindowWithLateOutput(beam.PTransform):
     return {'windowed': windowed, 'late': late}
 
 
+class _DropEmptyPanesFn(beam.DoFn):
+
+  def __init__(self, count_of):
+    self._count_of = count_of
+    self._dropped = Metrics.counter(_NAMESPACE, 'empty_panes_dropped')
+
+  def process(self, element):
+    if self._count_of(element[1]):
+      yield element
+    else:
+      self._dropped.inc()
+
+
+class DropEmptyPanes(beam.PTransform):
+  """Combined ``(key, output)`` panes -> the same, less those of no element.
+
+  Why: the Python SDK fires every window's on-time pane, even an empty one
+  (``OnTimeBehavior.FIRE_ALWAYS`` is hard-wired in ``WindowInto``). Flink
+  fires a window's end-of-window and garbage-collection timers one at a
+  time; when the watermark passes both at once (a job restored from a
+  checkpoint, an idle partition's jump to the wall clock), the second firing
+  finds the window's state already cleared and emits a second "on-time,
+  first and last" pane with nothing in it (Flink merges no accumulators).
+  A reader that keeps a window's newest pane then replaced the real total
+  with zero: the restored analytics job of the fault tests counted 0, 68,
+  75 and 200 of 300 events in four runs. A pane of no element says nothing,
+  so no runner emits one here.
+
+  Args:
+    count_of: the combined output -> how many elements went into it.
+  """
+
+  def __init__(self, count_of):
+    super().__init__()
+    self._count_of = count_of
+
+  def expand(self, panes):
+    return panes | 'DropEmptyPanes' >> beam.ParDo(
+        _DropEmptyPanesFn(self._count_of))
+
+
 class _FormatPaneFn(beam.DoFn):
   def __init__(self, key_name: str, accumulation: Accumulation):
     self._key_name = key_name
@@ -610,6 +650,7 @@ class WindowedAggregates(beam.PTransform):
     stats = (split['windowed']
              | 'CombineRecords' >> beam.CombinePerKey(
                  AggregateFn(self._problem))
+             | 'NonEmpty' >> DropEmptyPanes(lambda summary: summary['count'])
              | 'FormatPanes' >> beam.ParDo(_FormatPaneFn(
                  self._config.key or ALL, self._config.accumulation)))
     return {'stats': stats, 'late': split['late']}
