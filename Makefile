@@ -49,9 +49,13 @@ train: install
 	$(PY) -m pipelines.train --problem $(PROBLEM) \
 	  $(if $(DATA),--input $(DATA)) --output_dir $(RUN_DIR)/train/$(PROBLEM)
 
-# --durations: the slowest tests, so the suite's time stays visible.
+# Two pytest processes (pytest-xdist; TEST_WORKERS=1 for one), a file per
+# process at a time, so a file's module fixtures (trained models) are built
+# once; each process starts its own broker. --durations: the slowest tests,
+# so the suite's time stays visible.
+TEST_WORKERS ?= 2
 test: install prism
-	$(PY) -m pytest tests --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile --durations=40 $(PYTEST_ARGS)
 
 # The fast tier: no broker, no runner service, no model training (seconds).
 test-unit: install

@@ -23,8 +23,10 @@ REQUIRED = [
 ]
 
 EXTRAS = {
-    # nbclient + ipykernel execute the notebook; import-linter checks layers.
-    'test': ['pytest==9.2.0', 'pytest-timeout==2.4.0', 'nbclient==0.11.0',
+    # nbclient + ipykernel execute the notebook; import-linter checks layers;
+    # xdist runs the suite on two processes (make test).
+    'test': ['pytest==9.2.0', 'pytest-timeout==2.4.0', 'pytest-xdist==3.8.0',
+             'nbclient==0.11.0',
              'nbformat==5.11.1', 'ipykernel==7.4.0', 'import-linter==2.17'],
     # Reports and benchmarks: plots and the gradient-boosted-trees baseline.
     'report': ['matplotlib==3.11.2', 'pandas==2.3.3'],

@@ -9,10 +9,10 @@ pipeline names a runner in code. A flag the user gave is never overridden;
 ==========  ==============================================================
 ``--runner``  what ``resolve`` adds (unless already given)
 ==========  ==============================================================
-direct      ``--runner=DirectRunner`` and nothing else (Beam's own local
-            runner; in Beam 2.77 it tries Prism first and falls back to the
-            Python engine when Prism cannot be fetched or does not support a
-            transform)
+direct      batch: ``--runner=runners.direct.LocalBatchRunner``, Beam's
+            DirectRunner minus its first try on Prism (in Beam 2.77 a
+            download from GitHub, which fails offline; see
+            ``runners.direct``); streaming: ``--runner=DirectRunner``
 prism       ``--runner=PrismRunner --prism_location=<cached launcher>
             --environment_type=LOOPBACK``; the binary is built once with
             ``go install`` at the Beam pin, and started by a launcher that
@@ -42,7 +42,7 @@ dataflow    ``--runner=DataflowRunner --setup_file=<repo>/setup.py`` (not with
 Any other value (``PrismRunner``, ``BundleBasedDirectRunner``, a dotted class
 path...) is passed through unchanged.
 
-Without ``--runner`` a batch job gets Beam's default (the DirectRunner) and a
+Without ``--runner`` a batch job gets ``direct`` and a
 streaming job (``streaming=True``: serving, analytics on Kafka) gets
 ``EMBEDDED_STREAMING_RUNNER``, Prism. Why not the DirectRunner for streaming:
 in Beam 2.77 it runs any pipeline without a TestStream, Pub/Sub or real-time
@@ -72,6 +72,7 @@ from runners.tools import REPO_ROOT, RUN_DIR, RunnerSetupError
 ALIASES = ('direct', 'prism', 'flink', 'dataflow')
 EMBEDDED_STREAMING_RUNNER = 'prism'
 OFFLINE_DATAFLOW_RUNNER = 'runners.dataflow.OfflineDataflowRunner'
+LOCAL_BATCH_RUNNER = 'runners.direct.LocalBatchRunner'
 # Beam's check for a GCS path (PipelineOptionsValidator.GCS_URI/GCS_BUCKET).
 _LOGGER = logging.getLogger(__name__)
 _GCS_PATH = re.compile(r'^gs://[a-z0-9][-_a-z0-9.]+[a-z0-9](/.*)?$')
@@ -100,20 +101,21 @@ def resolve(argv: list[str] | None, streaming: bool = False) -> list[str]:
   """
   argv = _normalize(list(argv or []))
   runner = get_flag(argv, 'runner')
-  if runner is None and streaming:
-    runner = EMBEDDED_STREAMING_RUNNER
+  if runner is None:
+    runner = EMBEDDED_STREAMING_RUNNER if streaming else 'direct'
     argv = set_flag(argv, 'runner', runner)
-  if runner is None or runner.lower() not in ALIASES:
+  if runner.lower() not in ALIASES:
     return argv
   completer: Callable[[list[str]], list[str]] = {
-      'direct': _direct, 'prism': _prism,
+      'direct': lambda argv: _direct(argv, streaming), 'prism': _prism,
       'flink': lambda argv: _flink(argv, streaming),
       'dataflow': _dataflow}[runner.lower()]
   return completer(argv)
 
 
-def _direct(argv: list[str]) -> list[str]:
-  return set_flag(argv, 'runner', 'DirectRunner')
+def _direct(argv: list[str], streaming: bool = False) -> list[str]:
+  return set_flag(argv, 'runner',
+                  'DirectRunner' if streaming else LOCAL_BATCH_RUNNER)
 
 
 def _prism(argv: list[str]) -> list[str]:

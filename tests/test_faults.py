@@ -325,7 +325,7 @@ def test_serve_killed_mid_stream_and_restarted_loses_nothing(
          if not m.good]
   _send(kafka_bootstrap, names['events'], bad)
   flowing = threading.Thread(target=replay.replay, args=(
-      TAXI, events, names['events'], kafka_bootstrap), kwargs={'rate': 15})
+      TAXI, events, names['events'], kafka_bootstrap), kwargs={'rate': 30})
   try:
     flowing.start()
     predictions.until(150, 300)
@@ -335,7 +335,7 @@ def test_serve_killed_mid_stream_and_restarted_loses_nothing(
     job = _serve(kafka_bootstrap, names, taxi_model, log, *extra)
     flowing.join(timeout=120)
     predictions.until(10**9, 300, every(eid for eid, _ in events))
-    predictions.until(10**9, 15)  # duplicates, if any, keep coming
+    predictions.until(10**9, 5)  # duplicates, if any, keep coming
     dead.until(10**9, 5)
     running = job.poll() is None
   finally:
@@ -560,9 +560,9 @@ def test_flink_cluster_loses_a_taskmanager_and_its_jobs_lose_nothing(
     flows = [
         threading.Thread(target=replay.replay, args=(
             TAXI, trips, serving['events'], kafka_bootstrap),
-                         kwargs={'rate': 10}),
+                         kwargs={'rate': 20}),
         threading.Thread(target=_send_live, args=(
-            kafka_bootstrap, analyzing['events'], trips[:300], 10, sent))]
+            kafka_bootstrap, analyzing['events'], trips[:300], 20, sent))]
     try:
       job_ids = _running_flink_jobs(cluster, 2)
       # Events flow once both jobs checkpoint, so that the kill, after 100

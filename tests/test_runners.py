@@ -33,9 +33,11 @@ from apache_beam.options.pipeline_options import (DebugOptions,
                                                   PortableOptions,
                                                   PrismRunnerOptions,
                                                   SetupOptions,
-                                                  StandardOptions)
+                                                  StandardOptions,
+                                                  TypeOptions)
 from apache_beam.runners.portability import job_server
 from apache_beam.testing.test_stream import TestStream as BeamTestStream
+from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms import window
 from apache_beam.transforms.periodicsequence import PeriodicImpulse
 
@@ -60,20 +62,32 @@ DATAFLOW = ['--runner', 'dataflow', '--project', 'rtml-test',
 # ---------------------------------------------------------------------------
 
 
-def test_resolve_leaves_unknown_runners_and_no_runner_alone():
-  assert resolve(None) == []
-  assert resolve(['--input', 'x']) == ['--input', 'x']
+def test_resolve_leaves_unknown_runners_alone():
   for runner in ('PrismRunner', 'BundleBasedDirectRunner',
                  'apache_beam.runners.direct.direct_runner.DirectRunner'):
     argv = ['--runner', runner, '--environment_type', 'DOCKER']
     assert resolve(argv) == argv
 
 
-def test_direct_is_beams_direct_runner():
+def test_direct_is_beams_direct_runner_without_its_prism_attempt():
   argv = resolve(['--input=x', '--runner=direct'])
-  assert argv == ['--input=x', '--runner=DirectRunner']
-  assert PipelineOptions(argv).view_as(StandardOptions).runner == (
-      'DirectRunner')
+  assert argv == ['--input=x', '--runner=runners.direct.LocalBatchRunner']
+  assert resolve(['--input=x']) == argv  # a batch job's default
+  assert resolve(['--runner=direct'], streaming=True) == [
+      '--runner=DirectRunner']
+
+
+def test_local_batch_runner_runs_on_the_python_engine_not_prism(caplog):
+  """Beam's DirectRunner tried Prism first (a GitHub download offline, about
+  3 s lost per batch job); ours goes straight to the Python engine."""
+  import logging
+  caplog.set_level(logging.INFO)
+  options = PipelineOptions(resolve(['--runner', 'direct']))
+  with beam.Pipeline(options=options) as p:
+    assert_that(p | beam.Create([1, 2, 3]) | beam.Map(lambda x: x * 2),
+                equal_to([2, 4, 6]))
+  assert 'PrismRunner' not in caplog.text
+  assert not options.view_as(TypeOptions).allow_unsafe_triggers
 
 
 def test_prism_adds_the_cached_binary_and_loopback():
