@@ -3,11 +3,11 @@
 In Beam 2.77 the DirectRunner first tries every pipeline it deems fit on
 Prism, and fetches the Prism binary from GitHub when none is installed
 (``Downloading prism from https://github.com/apache/beam/releases/...``).
-Offline that download fails after about 3 s and the pipeline then runs on the
-Python engine (the FnApiRunner) anyway: a runtime download this project does
-not do, and 3 s lost per batch pipeline. Handing it our own Prism is no
-better for batch: tf.Transform training of the taxi problem took 70 s on
-Prism against 62 s on the Python engine (2026-12-02, one run each).
+Offline that download fails (1 to 3 s here) and the pipeline then runs on
+the Python engine (the FnApiRunner) anyway: a runtime download this project
+does not do, and time lost per batch pipeline. Handing it our own Prism is
+no better for batch: tf.Transform training of the taxi problem took 70 s on
+Prism, 62 and 70 s on the Python engine (2026-12-02).
 
 ``LocalBatchRunner`` is the DirectRunner minus that attempt: it raises, for
 the duration of ``run_pipeline``, the one option the DirectRunner itself reads

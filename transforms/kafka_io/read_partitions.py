@@ -120,12 +120,15 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider,
 
   def teardown(self):
     self._leftovers = {}
-    for consumer in self._consumers.values():
+    # A snapshot: the runner may tear down while a bundle on another thread
+    # still reads and adds or drops consumers ("dictionary changed size
+    # during iteration", seen when a worker shut down during the outage test).
+    consumers, self._consumers = list(self._consumers.values()), {}
+    for consumer in consumers:
       try:
         consumer.close(autocommit=False)
       except Exception:  # pylint: disable=broad-except
         pass
-    self._consumers = {}
     if self._config.commits:
       _OffsetCommitter.close_all()
 
