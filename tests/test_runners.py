@@ -78,8 +78,8 @@ def test_direct_is_beams_direct_runner_without_its_prism_attempt():
 
 
 def test_local_batch_runner_runs_on_the_python_engine_not_prism(caplog):
-  """Beam's DirectRunner tried Prism first (a GitHub download offline, about
-  3 s lost per batch job); ours goes straight to the Python engine."""
+  """Beam's DirectRunner tried Prism first (a GitHub download, failing
+  offline, in every batch job); ours goes straight to the Python engine."""
   import logging
   caplog.set_level(logging.INFO)
   options = PipelineOptions(resolve(['--runner', 'direct']))
