@@ -13,7 +13,9 @@ Prism, 62 and 70 s on the Python engine (2026-12-02).
 the duration of ``run_pipeline``, the one option the DirectRunner itself reads
 to rule Prism out (``allow_unsafe_triggers``: it is checked when triggers are
 applied, at construction, not when the pipeline runs), then lets the
-DirectRunner pick its Python engine as usual. ``runners.options`` maps a batch
+DirectRunner pick its Python engine as usual. The raised option is also in
+the options the DirectRunner hands that engine's workers, where nothing
+reads it. ``runners.options`` maps a batch
 ``--runner direct`` (and a batch job without ``--runner``) to it; streaming
 jobs are not affected.
 """
