@@ -55,7 +55,6 @@ from runners import options as runner_options
 from transforms import csv_io
 from transforms import decode
 from transforms import kafka_io
-from transforms import flags
 from transforms import monitoring
 from transforms import problem as problem_lib
 from transforms import stats as feature_stats
@@ -81,16 +80,8 @@ class AnalyticsOptions(PipelineOptions):
     parser.add_argument('--output_path', default=None,
                         help='Directory for JSON lines outputs instead of '
                         'Kafka topics (bounded input only).')
-    # The windowing flags (--window, --size...): windowing.WindowOptions.
-    # Drift mode.
-    parser.add_argument('--training_stats', default=None,
-                        help='stats.json of a training run: adds drift rows '
-                        'and alerts.')
-    flags.add_flags(parser, monitoring.DriftThresholds, prefix='drift_')
-
-
-def drift_thresholds(opts: AnalyticsOptions) -> monitoring.DriftThresholds:
-  return flags.from_flags(monitoring.DriftThresholds, opts, prefix='drift_')
+    # The windowing flags (--window, --size...): windowing.WindowOptions;
+    # drift (--training_stats, --drift_*): monitoring.MonitorOptions.
 
 
 def _tagged(kind: str):
@@ -226,8 +217,9 @@ def run(argv: Optional[list[str]] = None):
   problem = problem_lib.load(
       options.view_as(problem_lib.ProblemOptions).problem)
   config = windowing.window_config(options)
-  training_stats = (feature_stats.read_stats(opts.training_stats)
-                    if opts.training_stats else None)
+  stats_path = options.view_as(monitoring.MonitorOptions).training_stats
+  training_stats = (feature_stats.read_stats(stats_path)
+                    if stats_path else None)
   if streaming:
     options.view_as(StandardOptions).streaming = True
   if opts.output_path and not (opts.input_csv or opts.bounded):
@@ -240,7 +232,7 @@ def run(argv: Optional[list[str]] = None):
   else:
     records, dead_letters = read_kafka_records(pipeline, problem, opts)
   outputs = build(problem, records, config, training_stats,
-                  drift_thresholds(opts))
+                  monitoring.drift_thresholds(options))
   if opts.output_path:
     write_files(outputs, dead_letters, opts.output_path)
   else:

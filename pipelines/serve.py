@@ -16,6 +16,15 @@ last bundle's predictions); ``exactly_once`` commits each bundle's outputs and
 its input offsets in one Kafka transaction (``kafka_io.WriteTransactionally``;
 read the outputs with ``isolation_level=read_committed``).
 
+Monitoring (``--training_stats out/train/stats.json``): per event-time
+window (``--monitor_window`` seconds) and model version, feature drift
+against the training statistics, the prediction distribution (and quality
+on events that carry their label) and dead letters per stage go to
+``--metrics_topic`` (default ``<problem>-metrics``), crossed thresholds
+(``--drift_*``) to ``--alerts_topic``, events too late for their window to
+``--late_topic`` (``transforms.monitoring``). Labels that come later are
+joined by ``pipelines.quality``.
+
 New model versions are picked up without a restart: the pipeline watches
 ``--model_dir`` for ``<integer>/`` version directories, validates each new one
 and swaps it in between batches (see ``models.serving``).
@@ -69,8 +78,11 @@ from runners import jobs
 from runners import options as runner_options
 from transforms import decode
 from transforms import kafka_io
+from transforms import monitoring
 from transforms import problem as problem_lib
 from transforms import records as R
+from transforms import stats as feature_stats
+from transforms import windowing
 from transforms.problem import Problem, Task
 from transforms.records import Record
 
@@ -118,6 +130,15 @@ class ServeOptions(PipelineOptions):
                         help='Long bundles (--bundle_secs) always.')
     parser.add_argument('--run_seconds', type=float, default=None,
                         help='Stop after this long (demos); default: forever.')
+    # Monitoring: --training_stats and --drift_* (monitoring.MonitorOptions)
+    # turn it on; rows to --metrics_topic, alerts to --alerts_topic.
+    parser.add_argument('--monitor_window', type=float, default=3600.0,
+                        help='Event-time window of the monitor, seconds.')
+    parser.add_argument('--monitor_allowed_lateness', type=float,
+                        default=3600.0,
+                        help='Seconds after a monitor window closes that its '
+                        'late events still count (LATE panes); later ones go '
+                        'to the late topic.')
 
 
 class EventContext(NamedTuple):
@@ -162,9 +183,7 @@ def attach_context(element: tuple[kafka_io.KafkaRecord, Record]
 def prediction_record(problem: Problem, context: EventContext,
                       result: PredictionResult) -> dict[str, Any]:
   """The JSON prediction written to the output topic (see module doc)."""
-  seconds = R.event_seconds(problem, result.example)
-  event_ms = (int(round(seconds * 1000)) if seconds is not None
-              else context.timestamp_ms)
+  event_ms = event_time_ms(problem, context, result.example)
   outputs = dict(result.inference)
   if problem.task is Task.MULTICLASS:
     outputs['class_name'] = problem.label.classes[outputs['class']]
@@ -184,6 +203,27 @@ def prediction_record(problem: Problem, context: EventContext,
   }
 
 
+def event_time_ms(problem: Problem, context: EventContext,
+                  record: Record) -> int:
+  """The event's time: its event-time field, else its Kafka timestamp."""
+  seconds = R.event_seconds(problem, record)
+  return (int(round(seconds * 1000)) if seconds is not None
+          else context.timestamp_ms)
+
+
+def at_event_time(problem: Problem, context: EventContext, record: Record,
+                  value: Any) -> beam.window.TimestampedValue:
+  """``value`` stamped with its event's time again.
+
+  RunInference batches events (``BatchElements``), and a batch, so each of
+  its results, carries one timestamp: the end-of-bundle flush stamps it with
+  the minimum timestamp. What is windowed after inference (the monitor, the
+  dead-letter counts) takes its event's own time back.
+  """
+  return beam.window.TimestampedValue(
+      value, event_time_ms(problem, context, record) / 1000)
+
+
 def _iso(ms: int) -> Optional[str]:
   """UTC ISO-8601 of epoch milliseconds; None outside datetime's range."""
   try:
@@ -199,9 +239,11 @@ class FormatPrediction(beam.DoFn):
   score or whose prediction cannot be formatted."""
 
   DEAD_LETTERS = 'dead_letters'
+  SCORED = 'scored'
 
-  def __init__(self, problem: Problem):
+  def __init__(self, problem: Problem, monitor: bool = False):
     self._problem = problem
+    self._monitor = monitor
     self._predictions = Metrics.counter(METRICS_NAMESPACE, 'predictions')
     self._failed = Metrics.counter(METRICS_NAMESPACE, 'inference_failures')
     self._latency = Metrics.distribution(METRICS_NAMESPACE,
@@ -211,20 +253,35 @@ class FormatPrediction(beam.DoFn):
     context, result = element
     if isinstance(result.inference, serving.FailedInference):
       self._failed.inc()
-      yield beam.pvalue.TaggedOutput(self.DEAD_LETTERS, context.dead_letter(
-          result.inference.reason, 'Predict'))
+      yield beam.pvalue.TaggedOutput(self.DEAD_LETTERS, self._stamped(
+          context, result, context.dead_letter(result.inference.reason,
+                                               'Predict')))
       return
     try:
       prediction = prediction_record(self._problem, context, result)
     except Exception as e:  # pylint: disable=broad-except
       self._failed.inc()
-      yield beam.pvalue.TaggedOutput(self.DEAD_LETTERS, context.dead_letter(
-          f'formatting the prediction failed: {type(e).__name__}: {e}',
-          'FormatPrediction'))
+      yield beam.pvalue.TaggedOutput(self.DEAD_LETTERS, self._stamped(
+          context, result, context.dead_letter(
+              f'formatting the prediction failed: {type(e).__name__}: {e}',
+              'FormatPrediction')))
       return
     self._predictions.inc()
     self._latency.update(prediction['predicted_ms'] - context.ingest_ms)
     yield context.event_id, prediction
+    if self._monitor:
+      yield beam.pvalue.TaggedOutput(self.SCORED, beam.window.TimestampedValue(
+          monitoring.Scored.of(
+              self._problem, result.example, result.inference,
+              model=f"{self._problem.name}@{prediction['model_version']}",
+              event_id=context.event_id),
+          prediction['event_time_ms'] / 1000))
+
+  def _stamped(self, context: EventContext, result: PredictionResult, value):
+    try:
+      return at_event_time(self._problem, context, result.example, value)
+    except Exception:  # pylint: disable=broad-except
+      return value  # an event whose time cannot be read: as it comes
 
 
 class InferenceDeadLetters(beam.DoFn):
@@ -234,16 +291,21 @@ class InferenceDeadLetters(beam.DoFn):
   for what RunInference catches around it (e.g. the model failing to load).
   """
 
-  def __init__(self):
+  def __init__(self, problem: Problem):
+    self._problem = problem
     self._failed = Metrics.counter(METRICS_NAMESPACE, 'inference_failures')
 
   def process(self, element):
     batch, exception = element
-    for context, _ in batch:
+    for context, record in batch:
       self._failed.inc()
-      yield context.dead_letter(
+      letter = context.dead_letter(
           f'inference failed: {type(exception).__name__}: {exception}',
           'Predict')
+      try:
+        yield at_event_time(self._problem, context, record, letter)
+      except Exception:  # pylint: disable=broad-except
+        yield letter
 
 
 class Predict(beam.PTransform):
@@ -260,8 +322,9 @@ class Predict(beam.PTransform):
                model_poll_secs: float = 5.0,
                min_batch_size: int = 1, max_batch_size: int = 256,
                max_batch_duration_secs: Optional[float] = None,
-               check_model: bool = True):
+               check_model: bool = True, monitor: bool = False):
     super().__init__()
+    self._monitor = monitor
     if check_model:
       # Fail at launch, not on a worker, when nothing can be served.
       serving.newest_valid_version(problem, model_root)
@@ -276,26 +339,36 @@ class Predict(beam.PTransform):
         | 'RunInference' >> RunInference(
             self._handler, metrics_namespace=METRICS_NAMESPACE
         ).with_exception_handling())
+    # The scored events only when monitoring: an output without a consumer
+    # is not free on every runner.
+    tags = ((FormatPrediction.DEAD_LETTERS, FormatPrediction.SCORED)
+            if self._monitor else (FormatPrediction.DEAD_LETTERS,))
     formatted = results | 'FormatPrediction' >> beam.ParDo(
-        FormatPrediction(self._problem)).with_outputs(
-            FormatPrediction.DEAD_LETTERS, main='predictions')
+        FormatPrediction(self._problem, self._monitor)).with_outputs(
+            *tags, main='predictions')
     failed = failures.failed_inferences | 'FailedToDeadLetters' >> (
-        beam.ParDo(InferenceDeadLetters()))
+        beam.ParDo(InferenceDeadLetters(self._problem)))
     # Two failure streams, not flattened: a Flatten may end the fused stage
     # (it does on Prism), and a dead letter must be written in the bundle
     # that read its event, before that bundle's offsets are committed.
     return {
         'predictions': formatted.predictions,
         'failures': (formatted[FormatPrediction.DEAD_LETTERS], failed),
+        # monitoring.Scored of every prediction, when monitoring.
+        'scored': formatted[FormatPrediction.SCORED] if self._monitor
+                  else None,
     }
 
 
 def topics(problem: Problem, kafka: kafka_io.KafkaOptions) -> dict[str, str]:
-  """Input, output and dead-letter topics: the flags, else the problem's."""
+  """The job's topics: the flags, else the problem's."""
   return {'input': kafka.input_topic or problem.topic('events'),
           'output': kafka.output_topic or problem.topic('predictions'),
           'dead_letters': (kafka.dead_letter_topic
-                           or problem.topic('dead-letters'))}
+                           or problem.topic('dead-letters')),
+          'metrics': kafka.metrics_topic or problem.topic('metrics'),
+          'alerts': kafka.alerts_topic or problem.topic('alerts'),
+          'late': kafka.late_topic or problem.topic('monitor-late')}
 
 
 def build(pipeline: beam.Pipeline, opts: ServeOptions,
@@ -326,6 +399,7 @@ def build(pipeline: beam.Pipeline, opts: ServeOptions,
           partition_discovery_s=kafka.partition_discovery_s,
           consumer_config=kafka.consumer_config)
       | 'ParseEvents' >> decode.DecodeEvents(problem, with_source=True))
+  stats_path = opts.view_as(monitoring.MonitorOptions).training_stats
   scored = (events.records
             | 'AttachContext' >> beam.Map(attach_context)
             | 'Predict' >> Predict(
@@ -333,7 +407,8 @@ def build(pipeline: beam.Pipeline, opts: ServeOptions,
                 opts.max_batch_size, opts.max_batch_duration_secs,
                 # A Dataflow --dry_run builds the graph without touching the
                 # (remote) model directory.
-                check_model=not opts.view_as(TestOptions).dry_run))
+                check_model=not opts.view_as(TestOptions).dry_run,
+                monitor=bool(stats_path)))
   decode_failures = events.dead_letters | 'KeyDeadLetters' >> beam.Map(
       lambda d: (f"{d['topic']}-{d['partition']}-{d['offset']}", d))
   failures = {'Decode': decode_failures, 'Predict': scored['failures'][0],
@@ -351,9 +426,9 @@ def build(pipeline: beam.Pipeline, opts: ServeOptions,
       _ = stream | f'Write{label}s' >> kafka_io.WriteTransactionally(
           bootstrap, group_id, names['dead_letters'],
           producer_config=kafka.producer_config, give_up_s=kafka.give_up_s)
-    return {'predictions': scored['predictions'],
-            'dead_letters': tuple(failures.values()) | 'MergeDeadLetters' >> (
-                beam.Flatten())}
+    dead_letters = tuple(failures.values()) | 'MergeDeadLetters' >> (
+        beam.Flatten())
+    return _with_monitor(problem, opts, names, scored, dead_letters)
   unwritable = scored['predictions'] | 'WritePredictions' >> (
       kafka_io.WriteToKafka(bootstrap, names['output'],
                             producer_config=kafka.producer_config,
@@ -374,7 +449,65 @@ def build(pipeline: beam.Pipeline, opts: ServeOptions,
         kafka_io.log_unwritable, names['dead_letters'])
   dead_letters = tuple(streams.values()) | 'MergeDeadLetters' >> (
       beam.Flatten())
-  return {'predictions': scored['predictions'], 'dead_letters': dead_letters}
+  return _with_monitor(problem, opts, names, scored, dead_letters)
+
+
+def _with_monitor(problem: Problem, opts: ServeOptions, names: dict[str, str],
+                  scored: dict[str, Any], dead_letters) -> dict[str, Any]:
+  """The job's outputs, and with ``--training_stats`` the monitor's: drift,
+  prediction distribution and dead letters per window and model to the
+  metrics topic, alerts and late events to theirs.
+
+  The monitor's rows are written at least once whatever ``--delivery`` says:
+  each is keyed by what it measures and its window, so a repeated row
+  repeats the same figures (a compacted topic keeps one).
+  """
+  outputs = {'predictions': scored['predictions'],
+             'dead_letters': dead_letters}
+  stats_path = opts.view_as(monitoring.MonitorOptions).training_stats
+  if not stats_path:
+    return outputs
+  config = windowing.WindowConfig(
+      kind=windowing.WindowKind.FIXED, size=opts.monitor_window,
+      allowed_lateness=opts.monitor_allowed_lateness)
+  monitored = scored['scored'] | 'Monitor' >> monitoring.MonitorPredictions(
+      problem, feature_stats.read_stats(stats_path), config,
+      monitoring.drift_thresholds(opts))
+  counted = dead_letters | 'CountDeadLetters' >> monitoring.DeadLetterCounts(
+      config)
+  outputs['metrics'] = (
+      monitored['quality'] | 'TagPredictionRows' >> beam.Map(
+          lambda row: {'type': 'predictions', **row}),
+      monitored['drift'] | 'TagDriftRows' >> beam.Map(
+          lambda row: {'type': 'drift', **row}),
+      counted['counts']) | 'MergeMetrics' >> beam.Flatten()
+  outputs['alerts'] = monitored['alerts']
+  outputs['late'] = (
+      monitored['late'] | 'TagLateScored' >> beam.Map(
+          lambda row: {'stage': 'monitor', **row}),
+      counted['late'] | 'TagLateDeadLetters' >> beam.Map(
+          lambda row: {'stage': 'dead_letter_counts', **row})
+  ) | 'MergeMonitorLate' >> beam.Flatten()
+  kafka = opts.view_as(kafka_io.KafkaOptions)
+  for name in ('metrics', 'alerts', 'late'):
+    label = name.capitalize()
+    unwritable = (
+        outputs[name]
+        | f'KeyMonitor{label}' >> beam.Map(lambda row: (_row_key(row), row))
+        | f'WriteMonitor{label}' >> kafka_io.WriteToKafka(
+            kafka_io.bootstrap_servers(opts), names[name],
+            producer_config=kafka.producer_config, event_timestamps=False,
+            give_up_s=kafka.give_up_s))
+    _ = unwritable | f'LogUnwritableMonitor{label}' >> beam.FlatMap(
+        kafka_io.log_unwritable, names[name])
+  return outputs
+
+
+def _row_key(row: dict[str, Any]) -> str:
+  """A monitor row's Kafka key: what it measures, for whom, which window."""
+  what = row.get('feature') or row.get('metric') or row.get('stage') or (
+      row.get('type'))
+  return f"{row.get('model_key', '')}/{what}@{row.get('window_start_s', '')}"
 
 
 def _prediction_output(kv: tuple[str, dict], topic: str) -> kafka_io.Output:
@@ -424,6 +557,10 @@ def start(argv: Optional[list[str]] = None):
         f'{names["input"]} -> {names["output"]} (dead letters: '
         f'{names["dead_letters"]}), models from {opts.model_dir}',
         file=sys.stderr, flush=True)
+  if options.view_as(monitoring.MonitorOptions).training_stats:
+    print(f'[serve] monitor: {opts.monitor_window:g} s windows -> '
+          f'{names["metrics"]} (alerts: {names["alerts"]}, late: '
+          f'{names["late"]})', file=sys.stderr, flush=True)
   return pipeline.run()
 
 

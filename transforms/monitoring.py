@@ -1,18 +1,24 @@
-"""Live model monitoring: prediction quality and feature drift per window.
+"""Live model monitoring: predictions and feature drift per window and model.
 
-Attach ``MonitorPredictions`` to the serving pipeline's scored events::
+``pipelines.serve --training_stats`` attaches ``MonitorPredictions`` to its
+scored events; ``pipelines.analytics`` to unscored ones (drift only)::
 
-    scored = predictions | 'ToScored' >> beam.Map(
-        lambda r: monitoring.Scored.of(problem, record, inference))
+    scored = ... | beam.Map(lambda r: monitoring.Scored.of(
+        problem, record, inference, model='taxi@3'))
     out = scored | monitoring.MonitorPredictions(
         problem, stats.read_stats('out/train/stats.json'), window_config)
     out['quality'], out['drift'], out['alerts'], out['late']
 
-Per event-time window (``transforms.windowing``, late data to ``'late'``):
+Per event-time window (``transforms.windowing``, late data to ``'late'``) and
+model:
 
-* ``quality``: per the problem's task, over the events whose label is known:
-  binary: predicted and actual positive rates and accuracy; multi-class:
-  accuracy; regression: MAE, RMSE, MAPE, mean prediction and mean actual;
+* ``quality``: the prediction distribution (binary: mean probability, a
+  10-bin histogram and the predicted positive rate; multi-class: the share
+  of each predicted class; regression: mean and std of the predictions) and,
+  over the events whose label is known: binary: predicted and actual
+  positive rates and accuracy; multi-class: accuracy; regression: MAE, RMSE,
+  MAPE, mean prediction and mean actual. (Labels that come later are
+  joined by ``pipelines.quality``.)
 * ``drift``: per model feature, against the training statistics
   (``transforms.stats``): for measurements (numeric, bucketized) the mean
   shift and std shift in training-std units; for those and ids (identity)
@@ -37,7 +43,9 @@ from typing import Any, Iterable, NamedTuple, Optional
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import PipelineOptions
 
+from transforms import flags
 from transforms import records as R
 from transforms import stats as S
 from transforms import windowing
@@ -57,18 +65,26 @@ class Scored(NamedTuple):
     predicted: the predicted class index (binary, multi-class) or value
       (regression); None for an unscored event (feature drift only).
     probability: binary: the predicted probability of class 1.
+    model: which model scored it (``name@version``); the monitor reports per
+      model. None: one report for all (``'all'``).
+    event_id: the event's id (late records name it); default the record's.
   """
   record: Record
   predicted: Optional[float] = None
   probability: Optional[float] = None
+  model: Optional[str] = None
+  event_id: Optional[str] = None
 
   @classmethod
-  def of(cls, problem: Problem, record: Record,
-         inference: dict[str, Any]) -> 'Scored':
+  def of(cls, problem: Problem, record: Record, inference: dict[str, Any],
+         model: Optional[str] = None,
+         event_id: Optional[str] = None) -> 'Scored':
     """From a serving handler's inference dict (``models.serving``)."""
     if problem.task is Task.REGRESSION:
-      return cls(record, float(inference['prediction']))
-    return cls(record, int(inference['class']), inference.get('probability'))
+      return cls(record, float(inference['prediction']), model=model,
+                 event_id=event_id)
+    return cls(record, int(inference['class']), inference.get('probability'),
+               model, event_id)
 
   @classmethod
   def unscored(cls, record: Record) -> 'Scored':
@@ -98,6 +114,24 @@ class DriftThresholds:
   unseen: float = 0.05
   rate_gap: float = 0.2
   min_count: int = 30
+
+
+class MonitorOptions(PipelineOptions):
+  """The drift monitor's flags, shared by the jobs that monitor (serve,
+  analytics): one parser reads every imported options class, so a flag is
+  declared once."""
+
+  @classmethod
+  def _add_argparse_args(cls, parser):
+    parser.add_argument('--training_stats', default=None,
+                        help='stats.json of the training run: report drift '
+                        'per window against it, and alert.')
+    flags.add_flags(parser, DriftThresholds, prefix='drift_')
+
+
+def drift_thresholds(options: PipelineOptions) -> DriftThresholds:
+  return flags.from_flags(DriftThresholds, options.view_as(MonitorOptions),
+                          prefix='drift_')
 
 
 # ------------------------------------------------------------- plain logic
@@ -134,13 +168,27 @@ def drift_plan(problem: Problem, training_stats: dict[str, Any]
 # those: sum of predictions, sum of labels, correct, absolute errors, squared
 # errors, absolute percentage errors (regression).
 _QUALITY_FIELDS = 12
+# Prediction accumulator: sum of squared predictions, sum of probabilities
+# (binary), then counts per bin: PROBABILITY_BINS bins of the probability
+# (binary), one per class (multi-class), none (regression).
+PROBABILITY_BINS = 10
 # Feature accumulator: missing, present, sum, sum of squares, out of range,
 # unseen.
 _FEATURE_FIELDS = 6
 
 
-def new_accumulator(plans: tuple[_Plan, ...]) -> list[list[float]]:
-  return [[0] * _QUALITY_FIELDS] + [[0] * _FEATURE_FIELDS for _ in plans]
+def _prediction_bins(problem: Problem) -> int:
+  if problem.task is Task.BINARY:
+    return PROBABILITY_BINS
+  if problem.task is Task.MULTICLASS:
+    return len(problem.label.classes)
+  return 0
+
+
+def new_accumulator(problem: Problem,
+                    plans: tuple[_Plan, ...]) -> list[list[float]]:
+  return ([[0] * _QUALITY_FIELDS, [0] * (2 + _prediction_bins(problem))]
+          + [[0] * _FEATURE_FIELDS for _ in plans])
 
 
 def add_scored(problem: Problem, acc: list[list[float]],
@@ -153,6 +201,7 @@ def add_scored(problem: Problem, acc: list[list[float]],
   if is_scored:
     quality[1] += 1
     quality[2] += scored.predicted
+    _add_prediction(problem, acc[1], scored)
   label = R.label_value(problem, record)
   if label is not None:
     quality[3] += 1
@@ -166,7 +215,7 @@ def add_scored(problem: Problem, acc: list[list[float]],
       quality[9] += abs(error)
       quality[10] += error * error
       quality[11] += abs(error) / abs(label) if label else 0.0
-  for plan, f_acc in zip(plans, acc[1:]):
+  for plan, f_acc in zip(plans, acc[2:]):
     if R.is_missing(record, plan.name):
       f_acc[0] += 1
       continue
@@ -182,6 +231,17 @@ def add_scored(problem: Problem, acc: list[list[float]],
     if plan.vocabulary is not None and value not in plan.vocabulary:
       f_acc[5] += 1
   return acc
+
+
+def _add_prediction(problem: Problem, into: list[float], scored: Scored):
+  into[0] += scored.predicted * scored.predicted
+  if problem.task is Task.BINARY and scored.probability is not None:
+    p = float(scored.probability)
+    into[1] += p
+    into[2 + min(max(int(p * PROBABILITY_BINS), 0), PROBABILITY_BINS - 1)] += 1
+  elif problem.task is Task.MULTICLASS and 0 <= scored.predicted < len(
+      into) - 2:
+    into[2 + int(scored.predicted)] += 1
 
 
 def merge_accumulators(accs: Iterable[list[list[float]]]
@@ -206,17 +266,27 @@ def quality_summary(problem: Problem, acc: list[list[float]]
    actual_both, correct, abs_err, sq_err, ape) = acc[0]
   out = {'task': problem.task.value, 'count': n, 'scored': n_scored,
          'labelled': labelled, 'labelled_scored': both}
+  squares, probabilities, *bins = acc[1]
   if problem.task is Task.REGRESSION:
+    mean = _ratio(predicted, n_scored)
     out.update(
-        mean_prediction=_ratio(predicted, n_scored),
+        mean_prediction=mean,
+        prediction_std=(math.sqrt(max(squares / n_scored - mean * mean, 0.0))
+                        if n_scored else None),
         mean_actual=_ratio(actual, labelled),
         mae=_ratio(abs_err, both),
         rmse=math.sqrt(sq_err / both) if both else None,
         mape=_ratio(ape, both))
     return out
   out['accuracy'] = _ratio(correct, both)
+  if problem.task is Task.MULTICLASS:
+    out['predicted_class_shares'] = {
+        name: _ratio(count, n_scored)
+        for name, count in zip(problem.label.classes, bins)}
   if problem.task is Task.BINARY:
     out.update(
+        mean_probability=_ratio(probabilities, sum(bins)),
+        probability_histogram=bins,
         predicted_positive_rate=_ratio(predicted, n_scored),
         actual_positive_rate=_ratio(actual, labelled),
         # On the events that have both, so the two rates are comparable.
@@ -230,7 +300,7 @@ def drift_summary(acc: list[list[float]], plans: tuple[_Plan, ...],
   """One drift row per model feature for a window."""
   rows = []
   for plan, (missing, present, total, squares, out_of_range, unseen) in zip(
-      plans, acc[1:]):
+      plans, acc[2:]):
     st = training_stats['features'][plan.name]
     n = missing + present
     row = {'feature': plan.name, 'kind': st['kind'], 'count': n,
@@ -299,14 +369,15 @@ class MonitorFn(beam.CombineFn):
     self._plans = drift_plan(problem, training_stats)
 
   def create_accumulator(self):
-    return new_accumulator(self._plans)
+    return new_accumulator(self._problem, self._plans)
 
   def add_input(self, acc, scored: Scored):
     return add_scored(self._problem, acc, self._plans, scored)
 
   def merge_accumulators(self, accs):
     accs = list(accs)  # none: an empty pane (windowing.DropEmptyPanes)
-    return merge_accumulators(accs) if accs else new_accumulator(self._plans)
+    return (merge_accumulators(accs) if accs
+            else new_accumulator(self._problem, self._plans))
 
   def extract_output(self, acc):
     return acc
@@ -326,8 +397,9 @@ class _ReportFn(beam.DoFn):
 
   def process(self, element, window=beam.DoFn.WindowParam,
               pane=beam.DoFn.PaneInfoParam):
-    _, acc = element
-    where = {**windowing.window_fields(window), **windowing.pane_fields(pane)}
+    model, acc = element
+    where = {'model_key': model, **windowing.window_fields(window),
+             **windowing.pane_fields(pane)}
     quality = quality_summary(self._problem, acc)
     drift = drift_summary(acc, self._plans, self._stats)
     yield beam.pvalue.TaggedOutput('quality', {**where, **quality})
@@ -337,21 +409,26 @@ class _ReportFn(beam.DoFn):
       return
     for alert in alerts_for(self._problem, quality, drift, self._thresholds):
       self._alerts.inc()
-      yield beam.pvalue.TaggedOutput('alerts', {**alert, **where})
+      kind = 'quality' if alert['metric'] == 'positive_rate_gap' else 'drift'
+      yield beam.pvalue.TaggedOutput(
+          'alerts', {'type': 'alert', 'kind': kind, **alert, **where})
 
 
 def describe(scored: Scored) -> dict[str, Any]:
   """A scored event as JSON (late records)."""
-  return {**scored.record.values, 'probability': scored.probability,
-          'predicted': scored.predicted}
+  return {'event_id': scored.event_id or scored.record.event_id,
+          **scored.record.values,
+          'probability': scored.probability, 'predicted': scored.predicted}
 
 
-def _global_key(unused_scored: Scored) -> str:
-  return _GLOBAL_KEY
+def model_of(scored: Scored) -> str:
+  return scored.model or _GLOBAL_KEY
 
 
 class MonitorPredictions(beam.PTransform):
-  """Timestamped ``Scored`` events -> quality, drift, alerts, late.
+  """Timestamped ``Scored`` events -> quality, drift, alerts, late; per
+  window and per model (``Scored.model``, ``'all'`` when unnamed): every row
+  and alert carries its ``model_key``.
 
   Args:
     problem: the events' problem (task, features).
@@ -374,7 +451,7 @@ class MonitorPredictions(beam.PTransform):
 
   def expand(self, scored):
     split = scored | 'WindowScored' >> windowing.WindowWithLateOutput(
-        self._config, key_fn=_global_key, key_name='monitor',
+        self._config, key_fn=model_of, key_name='model_key',
         describe=describe)
     reports = (
         split['windowed']
@@ -387,3 +464,47 @@ class MonitorPredictions(beam.PTransform):
         ).with_outputs('quality', 'drift', 'alerts'))
     return {'quality': reports.quality, 'drift': reports.drift,
             'alerts': reports.alerts, 'late': split['late']}
+
+
+class _FormatCountFn(beam.DoFn):
+
+  def process(self, element, window=beam.DoFn.WindowParam,
+              pane=beam.DoFn.PaneInfoParam):
+    stage, count = element
+    yield {'type': 'dead_letters', 'stage': stage, 'count': count,
+           **windowing.window_fields(window), **windowing.pane_fields(pane)}
+
+
+def _stage_of(keyed_letter: tuple[Any, dict[str, Any]]) -> str:
+  return str(keyed_letter[1].get('stage') or 'unknown')
+
+
+def _describe_letter(keyed_letter: tuple[Any, dict[str, Any]]
+                     ) -> dict[str, Any]:
+  letter = keyed_letter[1]
+  return {k: letter.get(k) for k in ('topic', 'partition', 'offset',
+                                     'timestamp_ms', 'stage')}
+
+
+class DeadLetterCounts(beam.PTransform):
+  """Timestamped ``(key, dead letter)`` -> ``{'counts': one row per stage,
+  window and pane, 'late': letters too late for their window}``.
+
+  A dead letter's time is its event's, or the Kafka timestamp when the
+  event had no readable time. The letters themselves are on the dead-letter
+  topic; this counts them beside the drift rows of the same windows.
+  """
+
+  def __init__(self, config: windowing.WindowConfig):
+    super().__init__()
+    self._config = config
+
+  def expand(self, letters):
+    split = letters | 'WindowLetters' >> windowing.WindowWithLateOutput(
+        self._config, key_fn=_stage_of, key_name='stage',
+        describe=_describe_letter)
+    counts = (split['windowed']
+              | 'Count' >> beam.combiners.Count.PerKey()
+              | 'NonEmpty' >> windowing.DropEmptyPanes(lambda n: n)
+              | 'Format' >> beam.ParDo(_FormatCountFn()))
+    return {'counts': counts, 'late': split['late']}

@@ -58,10 +58,15 @@ class KafkaOptions(PipelineOptions):
                         '(default per pipeline: <problem>-dead-letters).')
     parser.add_argument('--late_topic', default=None,
                         help='Records too late for their window or TTL '
-                        '(analytics, quality); default per pipeline.')
+                        '(serve monitor, analytics, quality); default per '
+                        'pipeline.')
     parser.add_argument('--alerts_topic', default=None,
-                        help='Alerts (analytics, quality); default '
+                        help='Alerts (serve, analytics, quality); default '
                         '<problem>-alerts.')
+    parser.add_argument('--metrics_topic', default=None,
+                        help='Serving monitor rows (drift, prediction '
+                        'distribution, dead letters per window); default '
+                        '<problem>-metrics.')
     parser.add_argument('--group_id', default=None,
                         help='Consumer group whose committed offsets a '
                         'restarted job resumes from (default per pipeline).')
