@@ -8,7 +8,9 @@ Stages:
      reasons and a counter), splits train/eval by a hash of the row, runs
      ``AnalyzeAndTransformDataset`` on train and ``TransformDataset`` on eval
      (Arrow RecordBatches via TFXIO), and writes the transformed TFRecords,
-     ``OUT/transform/`` and the training statistics ``OUT/stats.json``;
+     ``OUT/transform/`` and the training statistics ``OUT/stats.json``
+     (and as TFDV's ``DatasetFeatureStatisticsList``, ``OUT/stats.tfdv.pb``,
+     for Facets);
   2. the Keras model (a head for the problem's task) trains on the
      transformed TFRecords and is evaluated on the eval split with the
      task's metrics (``models.metrics``);
@@ -150,9 +152,13 @@ def build_preprocessing(pipeline: beam.Pipeline, problem: Problem,
        | 'WriteDeadLetters' >> beam.io.WriteToText(
            os.path.join(output_dir, 'dead_letters', 'rows'),
            file_name_suffix='.jsonl'))
-  _ = (split['train']
-       | 'ComputeStats' >> feature_stats.ComputeFeatureStats(problem)
-       | 'WriteStats' >> WriteJson(os.path.join(output_dir, 'stats.json')))
+  stats = split['train'] | 'ComputeStats' >> (
+      feature_stats.ComputeFeatureStats(problem))
+  _ = stats | 'WriteStats' >> WriteJson(os.path.join(output_dir, 'stats.json'))
+  # The same statistics in TFDV's format, for Facets.
+  _ = stats | 'WriteTfdvStats' >> beam.Map(
+      lambda s: feature_stats.write_feature_statistics(
+          problem, s, os.path.join(output_dir, 'stats.tfdv.pb')))
 
   adapter_config = columns.tensor_adapter_config(problem)
   with tft_beam.Context(temp_dir=os.path.join(output_dir, 'tmp', 'tft')):

@@ -105,3 +105,35 @@ def test_write_and_read_round_trip(tmp_path):
   path = str(tmp_path / 'stats.json')
   S.write_stats(stats, path)
   assert S.read_stats(path) == stats
+
+
+def test_tfdv_statistics_proto_carries_the_same_figures(tmp_path):
+  """stats.tfdv.pb: TFDV's DatasetFeatureStatisticsList, read back from the
+  file, with the counts, moments and top values of stats.json."""
+  import statistics
+  from tensorflow_metadata.proto.v0 import statistics_pb2
+  records = real_records(500)
+  stats = S.compute_stats(TAXI, records)
+  path = S.write_feature_statistics(TAXI, stats, str(tmp_path / 's.pb'))
+  got = statistics_pb2.DatasetFeatureStatisticsList()
+  with open(path, 'rb') as f:
+    got.ParseFromString(f.read())
+  dataset, = got.datasets
+  assert dataset.num_examples == 500
+  by_name = {f.path.step[0]: f for f in dataset.features}
+  assert set(by_name) == {f.name for f in TAXI.features}
+  fares = [r.values['fare'] for r in records]
+  fare = by_name['fare']
+  assert fare.type == statistics_pb2.FeatureNameStatistics.FLOAT
+  assert fare.num_stats.common_stats.num_non_missing == 500
+  assert abs(fare.num_stats.mean - statistics.fmean(fares)) < 1e-9
+  assert abs(fare.num_stats.std_dev - statistics.pstdev(fares)) < 1e-9
+  assert fare.num_stats.max == max(fares)
+  company = by_name['company']
+  values = [r.values['company'] for r in records
+            if not R.is_missing(r, 'company')]
+  assert company.string_stats.common_stats.num_missing == 500 - len(values)
+  assert company.string_stats.unique == len(set(values))
+  top = company.string_stats.top_values[0]
+  assert top.frequency == max(values.count(v) for v in set(values))
+  assert values.count(top.value) == top.frequency

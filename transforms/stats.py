@@ -243,3 +243,54 @@ def read_stats(path: str) -> dict[str, Any]:
   from apache_beam.io.filesystems import FileSystems
   with FileSystems.open(path) as f:
     return json.loads(f.read().decode('utf-8'))
+
+
+def to_feature_statistics(problem: Problem, stats: dict[str, Any],
+                          name: str = 'train'):
+  """The statistics as TFDV's ``DatasetFeatureStatisticsList`` proto
+  (``tensorflow_metadata``), which Facets and ``tfdv.visualize_statistics``
+  open. Numbers get ``num_stats`` (count, missing, mean, std, min, max);
+  categorical values ``string_stats`` (unique values, top values, counts)."""
+  from tensorflow_metadata.proto.v0 import statistics_pb2 as pb
+  types = {DType.FLOAT: pb.FeatureNameStatistics.FLOAT,
+           DType.INT: pb.FeatureNameStatistics.INT,
+           DType.STRING: pb.FeatureNameStatistics.STRING}
+  dataset = pb.DatasetFeatureStatistics(name=name, num_examples=stats['count'])
+  for feature in problem.features:
+    st = stats['features'][feature.name]
+    out = dataset.features.add(type=types[feature.dtype])
+    out.path.step.append(feature.name)
+    present = st['count'] - st['missing']
+    common = pb.CommonStatistics(
+        num_non_missing=present, num_missing=st['missing'],
+        min_num_values=1 if present else 0, max_num_values=1 if present else 0,
+        avg_num_values=1.0 if present else 0.0, tot_num_values=present)
+    if has_numeric_stats(feature) and not has_vocabulary(feature):
+      numbers = pb.NumericStatistics(common_stats=common)
+      for field, key in (('mean', 'mean'), ('std_dev', 'std'),
+                         ('min', 'min'), ('max', 'max')):
+        if st.get(key) is not None:
+          setattr(numbers, field, st[key])
+      out.num_stats.CopyFrom(numbers)
+    else:
+      strings = pb.StringStatistics(common_stats=common,
+                                    unique=st.get('vocabulary_size', 0))
+      for top in st.get('top_values', []):
+        strings.top_values.add(value=str(top['value']),
+                               frequency=top['count'])
+        strings.rank_histogram.buckets.add(
+            low_rank=len(strings.rank_histogram.buckets),
+            high_rank=len(strings.rank_histogram.buckets),
+            label=str(top['value']), sample_count=top['count'])
+      out.string_stats.CopyFrom(strings)
+  return pb.DatasetFeatureStatisticsList(datasets=[dataset])
+
+
+def write_feature_statistics(problem: Problem, stats: dict[str, Any],
+                             path: str) -> str:
+  """Writes ``to_feature_statistics`` as a binary proto (what
+  ``tfdv.load_stats_binary`` reads) to ``path``, local or remote."""
+  from apache_beam.io.filesystems import FileSystems
+  with FileSystems.create(path) as f:
+    f.write(to_feature_statistics(problem, stats).SerializeToString())
+  return path
