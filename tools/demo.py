@@ -2,10 +2,14 @@
 
 1. start a single-node Kafka broker (or use ``KAFKA_BOOTSTRAP_SERVERS``);
 2. train the problem's model on its data and export model version 1;
-3. start the streaming serving pipeline on the embedded runner;
+3. start the streaming serving pipeline on the embedded runner, monitored
+   against the training statistics;
 4. replay the held-out (eval) rows, plus a few malformed events, to Kafka;
 5. read the predictions back and print a sample, the live quality against
    the true labels, the dead letters and the end-to-end latency percentiles;
+   run the live-quality job on the predictions (each event's own label as
+   feedback) and print its windows; write the live report
+   (``tools.live_report``) of quality, predictions and drift;
 6. shut everything down.
 
     python -m tools.demo [--problem taxi|houses|exasens|FILE.py --input CSV] \\
@@ -19,6 +23,7 @@ use ``message.timestamp.type=LogAppendTime``, so the latency of an event is
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import logging
 import math
@@ -96,21 +101,41 @@ def live_quality(problem: Problem, predictions: list[dict[str, Any]]
           for k, v in feedback.quality_summary(problem, acc).items()}
 
 
+WINDOWS = 12   # the live quality and monitor windows over the replay
+
+
+def window_size(problem: Problem, events: list[tuple[str, dict]]) -> int:
+  """Seconds: WINDOWS windows over the events' time span (10 at least)."""
+  from transforms import records
+  times = []
+  for _, event in events:
+    try:
+      seconds = records.event_seconds(problem, records.parse_json(
+          problem, event))
+    except records.InvalidRecord:
+      continue
+    if seconds is not None:
+      times.append(seconds)
+  if not times:
+    return 10
+  return max(10, math.ceil((max(times) - min(times)) / WINDOWS))
+
+
 def quality_windows(problem: Problem, problem_spec: str, bootstrap: str,
                     predictions_topic: str, predictions: list[dict[str, Any]],
-                    suffix: str, runner_args: list[str]) -> list[dict]:
-  """Live quality per event-time window, from the streaming quality job
-  (``pipelines.quality``) reading the predictions topic, each event's own
-  label as its feedback: four windows over the events' time span."""
+                    suffix: str, runner_args: list[str], size: int,
+                    alerts_topic: str) -> list[dict]:
+  """Live quality per event-time window of ``size`` seconds, from the
+  streaming quality job (``pipelines.quality``) reading the predictions
+  topic, each event's own label as its feedback."""
   from pipelines import quality
   times = [p['event_time_ms'] for p in predictions if p['label'] is not None]
   if not times:
     return []
-  size = max(10, math.ceil((max(times) - min(times)) / 1000 / 4))
   expected = {t // 1000 - (t // 1000) % size for t in times}
   topics = {role: f'{problem.topic(role)}-{suffix}'
-            for role in ('feedback', 'quality', 'quality-alerts',
-                         'feedback-late', 'quality-dead-letters')}
+            for role in ('feedback', 'quality', 'feedback-late',
+                         'quality-dead-letters')}
   for topic in topics.values():
     kafka_runner.create_topic(bootstrap, topic)
   print(f'[demo] live quality: the streaming quality job joins each '
@@ -121,7 +146,7 @@ def quality_windows(problem: Problem, problem_spec: str, bootstrap: str,
       '--predictions_topic', predictions_topic,
       '--feedback_topic', topics['feedback'],
       '--quality_topic', topics['quality'],
-      '--alerts_topic', topics['quality-alerts'],
+      '--alerts_topic', alerts_topic,
       '--late_topic', topics['feedback-late'],
       '--dead_letter_topic', topics['quality-dead-letters'],
       '--labels_in_predictions', '--label_ttl', '60', '--size', str(size),
@@ -168,20 +193,34 @@ def run_demo(problem: Problem, data: str, bootstrap: str, work_dir: str,
 
   suffix = uuid.uuid4().hex[:6]
   topics = {role: f'{problem.topic(role)}-{suffix}'
-            for role in ('events', 'predictions', 'dead-letters')}
+            for role in ('events', 'predictions', 'dead-letters', 'metrics',
+                         'alerts', 'monitor-late')}
   kafka_runner.create_topic(bootstrap, topics['events'], partitions=2,
                             config=LOG_APPEND_TIME)
   kafka_runner.create_topic(bootstrap, topics['predictions'],
                             config=LOG_APPEND_TIME)
-  kafka_runner.create_topic(bootstrap, topics['dead-letters'])
+  for role in ('dead-letters', 'metrics', 'alerts', 'monitor-late'):
+    kafka_runner.create_topic(bootstrap, topics[role])
+  # In event-time order: the quality windows below close in order.
+  events = replay.load_events(problem, data, split='eval',
+                              order='event_time')
+  size = window_size(problem, events)
 
-  print('[demo] starting the serving pipeline', flush=True)
+  print(f'[demo] starting the serving pipeline, monitored against the '
+        f'training statistics in windows of {size:,} s', flush=True)
   result = serve.start([
       '--problem', problem_spec,
       '--bootstrap_servers', bootstrap, '--input_topic', topics['events'],
       '--output_topic', topics['predictions'],
       '--dead_letter_topic', topics['dead-letters'],
       '--model_dir', os.path.join(train_dir, 'model'),
+      '--training_stats', os.path.join(train_dir, 'stats.json'),
+      '--monitor_window', str(size), '--metrics_topic', topics['metrics'],
+      '--alerts_topic', topics['alerts'],
+      '--late_topic', topics['monitor-late'],
+      # Replayed in event-time order: the watermark follows the events and,
+      # once the topic is quiet, the clock; every window then closes.
+      '--max_out_of_orderness', str(size), '--idle_timeout_s', '5',
       '--group_id', f'demo-{suffix}', '--max_batch_size', '64'] + runner_args)
   try:
     # The malformed events go first: their dead letters show the job is up
@@ -196,9 +235,6 @@ def run_demo(problem: Problem, data: str, bootstrap: str, work_dir: str,
     producer.close()
     dead = collect(bootstrap, topics['dead-letters'], len(BAD_EVENTS), 180,
                    'dead letters')
-    # In event-time order: the quality windows below close in order.
-    events = replay.load_events(problem, data, split='eval',
-                                order='event_time')
     # Rows the parser rejects (houses sold at price 0) are replayed too:
     # they must come back as dead letters, not predictions.
     invalid = sum(not is_valid(problem, event) for _, event in events)
@@ -214,9 +250,24 @@ def run_demo(problem: Problem, data: str, bootstrap: str, work_dir: str,
     # complain on stderr for as long as this process goes on.
     windows = quality_windows(problem, problem_spec, bootstrap,
                               topics['predictions'],
-                              [p for _, p in predictions], suffix, runner_args)
+                              [p for _, p in predictions], suffix, runner_args,
+                              size, topics['alerts'])
+    monitored = {p['event_time_ms'] // 1000 // size * size
+                 for _, p in predictions}
+    collect(bootstrap, topics['metrics'], len(monitored), 120,
+            'monitor windows', count=lambda got: len({
+                row['window_start_s'] for _, row in got
+                if row['type'] == 'predictions'}))
   finally:
     result.cancel()
+  from tools import live_report
+  report = os.path.join(work_dir, problem.name, 'live_report.png')
+  report_rows = live_report.main([
+      '--problem', problem_spec, '--bootstrap_servers', bootstrap,
+      '--quality_topic', f'{problem.topic("quality")}-{suffix}',
+      '--metrics_topic', topics['metrics'],
+      '--alerts_topic', topics['alerts'],
+      '--model_dir', os.path.join(train_dir, 'model'), '--output', report])
 
   print('\n[demo] sample predictions:')
   for _, p in predictions[:5]:
@@ -236,6 +287,14 @@ def run_demo(problem: Problem, data: str, bootstrap: str, work_dir: str,
       f'training_eval_{headline}': round(metrics[headline], 4),
       'live_quality': live_quality(problem, [p for _, p in predictions]),
       'end_to_end_latency_ms': percentiles(latency),
+      # Per metric, windows that alerted (a window's final pane repeats it).
+      'alerts': dict(collections.Counter(
+          f"{a['kind']}: {a.get('feature') or a.get('model_key')} "
+          f"{a['metric']}" for a in {
+              (a['kind'], a.get('feature'), a.get('model_key'), a['metric'],
+               a['window_start_s']): a
+              for a in report_rows['alerts']}.values())),
+      'live_report': report,
   }
   print('[demo] summary: ' + json.dumps(summary, indent=2))
   live = {Task.BINARY: 'auc', Task.MULTICLASS: 'accuracy',
