@@ -674,3 +674,20 @@ def test_secrets_are_references_resolved_where_the_client_is_made(
   monkeypatch.delenv('RTML_TEST_KAFKA_PASSWORD')
   with pytest.raises(KeyError, match='RTML_TEST_KAFKA_PASSWORD'):
     clients.resolve_secrets(config)
+
+
+def test_topics_command_creates_missing_topics_and_keeps_existing_ones(
+    kafka_bootstrap, kafka_topic):
+  """``python -m runners.kafka topics``: what a job's inputs need first."""
+  import uuid
+  from runners.kafka.__main__ import main
+  existing = kafka_topic(partitions=1)
+  new = f'topics-command-{uuid.uuid4().hex[:8]}'
+  assert main(['topics', f'{new}:3', f'{existing}:5',
+               '--bootstrap_servers', kafka_bootstrap]) == 0
+  consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap)
+  try:
+    assert consumer.partitions_for_topic(new) == {0, 1, 2}
+    assert consumer.partitions_for_topic(existing) == {0}
+  finally:
+    consumer.close()

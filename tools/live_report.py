@@ -237,15 +237,16 @@ def draw(problem: Problem, summary: dict[str, Any], baselines: dict[str, float],
       xs, ys = _series(predictions, 'mean_prediction', model_key=model)
       ax.plot(xs, ys, lw=1.2, color=color, label=f'{model} mean prediction')
   dead = collections.Counter()
+  size_s = 0.0
   for (stage, start), row in summary['dead'].items():
     dead[start] += row.get('count') or 0
+    size_s = row['window_end_s'] - row['window_start_s']
   if dead:
     twin = ax.twinx()
     starts = sorted(dead)
-    width = ((starts[1] - starts[0]) / 86400 * 0.8 if len(starts) > 1
-             else 0.01)
+    width = size_s / 86400 * 0.8   # matplotlib dates: days
     twin.bar([_time(s) for s in starts], [dead[s] for s in starts],
-             width=width, color='grey', alpha=0.3,
+             width=width, align='edge', color='grey', alpha=0.3,
              label=f'dead letters ({sum(dead.values())})')
     twin.set_ylabel('dead letters per window')
     twin.legend(loc='upper right', fontsize=8)

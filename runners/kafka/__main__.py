@@ -1,4 +1,4 @@
-"""``python -m runners.kafka up|down|status``: the local development broker.
+"""``python -m runners.kafka up|down|status|topics``: the local broker.
 
 ``up`` starts a single-node KRaft broker in the background (fetching the
 pinned jars on first use) and prints its bootstrap servers on stdout, so a
@@ -6,7 +6,12 @@ shell can capture them::
 
     export KAFKA_BOOTSTRAP_SERVERS=$(python -m runners.kafka up)
     python -m runners.kafka status
+    python -m runners.kafka topics taxi-events:2 taxi-feedback   # if absent
     python -m runners.kafka down      # the data directory is kept
+
+The jobs read only topics that exist (a mistyped name fails at launch, not
+silently); ``topics`` creates them, on the recorded broker or
+``--bootstrap_servers``.
 
 State (pid, bootstrap servers, data dir) lives in ~/.cache/rtml/run/kafka.json.
 """
@@ -34,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
                   metavar='NAME[:PARTITIONS]', help='create topics after up')
   sub.add_parser('down', help='stop the broker (data is kept)')
   sub.add_parser('status', help='print the broker state as JSON')
+  topics = sub.add_parser('topics', help='create topics that do not exist')
+  topics.add_argument('names', nargs='+', metavar='NAME[:PARTITIONS]')
+  topics.add_argument('--bootstrap_servers',
+                      help='default: the broker of `up`')
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                       format='%(levelname)s %(message)s')
@@ -48,6 +57,17 @@ def main(argv: list[str] | None = None) -> int:
       print(f"Kafka {state['kafka_version']} up: pid {state['pid']}, "
             f"data {state['data_dir']}, log {state['log']}", file=sys.stderr)
       print(state['bootstrap_servers'])
+    elif args.command == 'topics':
+      bootstrap = args.bootstrap_servers or kafka.status().get(
+          'bootstrap_servers')
+      if not bootstrap:
+        print('error: no broker recorded; give --bootstrap_servers',
+              file=sys.stderr)
+        return 2
+      for spec in args.names:
+        name, _, partitions = spec.partition(':')
+        kafka.create_topic(bootstrap, name, int(partitions or 1))
+        print(f'{name}: ready on {bootstrap}', file=sys.stderr)
     elif args.command == 'down':
       state = kafka.down()
       print('stopped' if state else 'no broker recorded', file=sys.stderr)
