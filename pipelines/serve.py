@@ -212,16 +212,20 @@ def event_time_ms(problem: Problem, context: EventContext,
 
 
 def at_event_time(problem: Problem, context: EventContext, record: Record,
-                  value: Any) -> beam.window.TimestampedValue:
-  """``value`` stamped with its event's time again.
+                  value: Any) -> Any:
+  """``value`` stamped with its event's time again (as it comes, when that
+  time cannot be read).
 
   RunInference batches events (``BatchElements``), and a batch, so each of
   its results, carries one timestamp: the end-of-bundle flush stamps it with
   the minimum timestamp. What is windowed after inference (the monitor, the
   dead-letter counts) takes its event's own time back.
   """
-  return beam.window.TimestampedValue(
-      value, event_time_ms(problem, context, record) / 1000)
+  try:
+    return beam.window.TimestampedValue(
+        value, event_time_ms(problem, context, record) / 1000)
+  except Exception:  # pylint: disable=broad-except
+    return value
 
 
 def _iso(ms: int) -> Optional[str]:
@@ -253,16 +257,16 @@ class FormatPrediction(beam.DoFn):
     context, result = element
     if isinstance(result.inference, serving.FailedInference):
       self._failed.inc()
-      yield beam.pvalue.TaggedOutput(self.DEAD_LETTERS, self._stamped(
-          context, result, context.dead_letter(result.inference.reason,
-                                               'Predict')))
+      yield beam.pvalue.TaggedOutput(self.DEAD_LETTERS, at_event_time(
+          self._problem, context, result.example,
+          context.dead_letter(result.inference.reason, 'Predict')))
       return
     try:
       prediction = prediction_record(self._problem, context, result)
     except Exception as e:  # pylint: disable=broad-except
       self._failed.inc()
-      yield beam.pvalue.TaggedOutput(self.DEAD_LETTERS, self._stamped(
-          context, result, context.dead_letter(
+      yield beam.pvalue.TaggedOutput(self.DEAD_LETTERS, at_event_time(
+          self._problem, context, result.example, context.dead_letter(
               f'formatting the prediction failed: {type(e).__name__}: {e}',
               'FormatPrediction')))
       return
@@ -276,12 +280,6 @@ class FormatPrediction(beam.DoFn):
               model=f"{self._problem.name}@{prediction['model_version']}",
               event_id=context.event_id),
           prediction['event_time_ms'] / 1000))
-
-  def _stamped(self, context: EventContext, result: PredictionResult, value):
-    try:
-      return at_event_time(self._problem, context, result.example, value)
-    except Exception:  # pylint: disable=broad-except
-      return value  # an event whose time cannot be read: as it comes
 
 
 class InferenceDeadLetters(beam.DoFn):
@@ -302,10 +300,7 @@ class InferenceDeadLetters(beam.DoFn):
       letter = context.dead_letter(
           f'inference failed: {type(exception).__name__}: {exception}',
           'Predict')
-      try:
-        yield at_event_time(self._problem, context, record, letter)
-      except Exception:  # pylint: disable=broad-except
-        yield letter
+      yield at_event_time(self._problem, context, record, letter)
 
 
 class Predict(beam.PTransform):

@@ -106,16 +106,9 @@ WINDOWS = 12   # the live quality and monitor windows over the replay
 
 def window_size(problem: Problem, events: list[tuple[str, dict]]) -> int:
   """Seconds: WINDOWS windows over the events' time span (10 at least)."""
-  from transforms import records
-  times = []
-  for _, event in events:
-    try:
-      seconds = records.event_seconds(problem, records.parse_json(
-          problem, event))
-    except records.InvalidRecord:
-      continue
-    if seconds is not None:
-      times.append(seconds)
+  from tools import replay
+  times = [ms / 1000 for ms in (replay.event_time_ms(problem, event)
+                                for _, event in events) if ms is not None]
   if not times:
     return 10
   return max(10, math.ceil((max(times) - min(times)) / WINDOWS))
@@ -129,6 +122,7 @@ def quality_windows(problem: Problem, problem_spec: str, bootstrap: str,
   streaming quality job (``pipelines.quality``) reading the predictions
   topic, each event's own label as its feedback."""
   from pipelines import quality
+  from tools import report
   times = [p['event_time_ms'] for p in predictions if p['label'] is not None]
   if not times:
     return []
@@ -161,11 +155,7 @@ def quality_windows(problem: Problem, problem_spec: str, bootstrap: str,
   finally:
     result.cancel()
   # Accumulating panes: a window's newest pane holds all of it.
-  newest = {}
-  for _, row in rows:
-    key = row['window_start_s']
-    if row['pane_index'] >= newest.get(key, {'pane_index': -1})['pane_index']:
-      newest[key] = row
+  newest = report.newest_panes(row for _, row in rows)
   return [newest[key] for key in sorted(newest)]
 
 

@@ -43,6 +43,7 @@ import time
 from typing import Any, Iterable, Optional
 
 from models.metrics import HEADLINE
+from tools.report import newest_panes, utc_time
 from transforms import problem as problem_lib
 from transforms.problem import Problem, Task
 
@@ -99,20 +100,6 @@ class TopicsTail:
     self._consumer.close()
 
 
-def newest_panes(rows: Iterable[dict[str, Any]], *fields: str
-                 ) -> dict[tuple, dict[str, Any]]:
-  """(fields..., window start) -> the row of the newest pane."""
-  out: dict[tuple, dict[str, Any]] = {}
-  for row in rows:
-    if 'window_start_s' not in row:
-      continue
-    slot = tuple(row.get(f) for f in fields) + (row['window_start_s'],)
-    if slot not in out or row.get('pane_index', 0) >= out[slot].get(
-        'pane_index', 0):
-      out[slot] = row
-  return out
-
-
 def training_figures(model_dir: Optional[str], problem: Problem
                      ) -> dict[str, float]:
   """``name@version`` -> the headline metric on the training eval split."""
@@ -133,16 +120,12 @@ def training_figures(model_dir: Optional[str], problem: Problem
 
 # ------------------------------------------------------------------ drawing
 
-def _time(seconds: float) -> datetime.datetime:
-  return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
-
-
 def _series(rows: dict[tuple, dict[str, Any]], field: str, **match):
   points = sorted(
       (slot[-1], row[field]) for slot, row in rows.items()
       if row.get(field) is not None
       and all(row.get(k) == v for k, v in match.items()))
-  return [_time(s) for s, _ in points], [v for _, v in points]
+  return [utc_time(s) for s, _ in points], [v for _, v in points]
 
 
 def summarize(problem: Problem, tail: TopicsTail, topics: dict[str, str],
@@ -201,7 +184,7 @@ def draw(problem: Problem, summary: dict[str, Any], baselines: dict[str, float],
                     if a.get('kind') == 'quality' and a.get('metric') == headline
                     and 'window_start_s' in a]
   if quality_alerts:
-    ax.scatter([_time(a['window_start_s']) for a in quality_alerts],
+    ax.scatter([utc_time(a['window_start_s']) for a in quality_alerts],
                [a['value'] for a in quality_alerts], marker='x', color='red',
                zorder=3, label=f'alerts ({len(quality_alerts)})')
   labelled = sum(r.get('labelled') or 0 for r in quality.values())
@@ -230,7 +213,7 @@ def draw(problem: Problem, summary: dict[str, Any], baselines: dict[str, float],
         points = sorted((k[-1], (r.get('predicted_class_shares') or {}).get(
             name)) for k, r in rows.items())
         points = [(s, v) for s, v in points if v is not None]
-        ax.plot([_time(s) for s, _ in points], [v for _, v in points],
+        ax.plot([utc_time(s) for s, _ in points], [v for _, v in points],
                 lw=1, color=colors[(i + j) % len(colors)],
                 label=f'{model} {name}')
     else:
@@ -245,7 +228,7 @@ def draw(problem: Problem, summary: dict[str, Any], baselines: dict[str, float],
     twin = ax.twinx()
     starts = sorted(dead)
     width = size_s / 86400 * 0.8   # matplotlib dates: days
-    twin.bar([_time(s) for s in starts], [dead[s] for s in starts],
+    twin.bar([utc_time(s) for s in starts], [dead[s] for s in starts],
              width=width, align='edge', color='grey', alpha=0.3,
              label=f'dead letters ({sum(dead.values())})')
     twin.set_ylabel('dead letters per window')
@@ -271,7 +254,7 @@ def draw(problem: Problem, summary: dict[str, Any], baselines: dict[str, float],
   drift_alerts = [a for a in summary['alerts'] if a.get('kind') == 'drift'
                   and 'window_start_s' in a]
   if drift_alerts:
-    ax.scatter([_time(a['window_start_s']) for a in drift_alerts],
+    ax.scatter([utc_time(a['window_start_s']) for a in drift_alerts],
                [a['value'] for a in drift_alerts], marker='x', color='red',
                zorder=3, label=f'drift alerts ({len(drift_alerts)})')
   ax.axhline(0, color='black', lw=0.5)

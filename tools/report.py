@@ -63,18 +63,22 @@ def window_totals(stats_rows: Iterable[dict[str, Any]]
   return totals
 
 
-def final_drift(drift_rows: Iterable[dict[str, Any]]
-                ) -> dict[tuple[str, float], dict[str, Any]]:
-  """(feature, window start) -> its last (most complete) drift row."""
-  last: dict[tuple[str, float], dict[str, Any]] = {}
-  for row in drift_rows:
-    slot = (row['feature'], row['window_start_s'])
-    if slot not in last or row['pane_index'] > last[slot]['pane_index']:
-      last[slot] = row
-  return last
+def newest_panes(rows: Iterable[dict[str, Any]], *fields: str
+                 ) -> dict[tuple, dict[str, Any]]:
+  """(fields..., window start) -> the row of the window's newest pane (the
+  most complete one, with accumulating panes)."""
+  out: dict[tuple, dict[str, Any]] = {}
+  for row in rows:
+    if 'window_start_s' not in row:
+      continue
+    slot = tuple(row.get(f) for f in fields) + (row['window_start_s'],)
+    if slot not in out or row.get('pane_index', 0) >= out[slot].get(
+        'pane_index', 0):
+      out[slot] = row
+  return out
 
 
-def _time(seconds: float) -> datetime.datetime:
+def utc_time(seconds: float) -> datetime.datetime:
   return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
 
 
@@ -88,7 +92,7 @@ def draw(problem: Problem, directory: str, output: str, top_keys: int = 5,
   thresholds = thresholds or DriftThresholds()
   stats_rows = load_rows(directory, 'stats')
   late_rows = load_rows(directory, 'late')
-  drift = final_drift(load_rows(directory, 'drift'))
+  drift = newest_panes(load_rows(directory, 'drift'), 'feature')
   alerts = load_rows(directory, 'alerts')
   panels = 1 + bool(drift) * 2
   fig, axes = plt.subplots(panels, 1, figsize=(12, 3.6 * panels),
@@ -105,18 +109,18 @@ def draw(problem: Problem, directory: str, output: str, top_keys: int = 5,
   ax = axes[0]
   starts = sorted(per_window)
   key_name = stats_rows[0]['key_name'] if stats_rows else 'key'
-  ax.plot([_time(s) for s in starts], [per_window[s] for s in starts],
+  ax.plot([utc_time(s) for s in starts], [per_window[s] for s in starts],
           color='black', lw=1.5, label='all keys')
   busiest = sorted(per_key, key=lambda k: -sum(per_key[k].values()))
   for key in busiest[:top_keys]:
     points = sorted(per_key[key].items())
-    ax.plot([_time(s) for s, _ in points], [c for _, c in points], lw=0.9,
+    ax.plot([utc_time(s) for s, _ in points], [c for _, c in points], lw=0.9,
             alpha=0.8, label=f'{key_name}={key}')
   late_per_window = collections.Counter(
       r['window_start_s'] for r in late_rows)
   if late_per_window:
     xs = sorted(late_per_window)
-    ax.scatter([_time(s) for s in xs], [late_per_window[s] for s in xs],
+    ax.scatter([utc_time(s) for s in xs], [late_per_window[s] for s in xs],
                marker='v', color='red', zorder=3,
                label=f'too late ({len(late_rows)} records)')
   span = (starts[1] - starts[0]) if len(starts) > 1 else 0
@@ -136,13 +140,13 @@ def draw(problem: Problem, directory: str, output: str, top_keys: int = 5,
       points = sorted((s, r['mean_shift']) for (n, s), r in drift.items()
                       if n == name and r.get('mean_shift') is not None)
       if points:
-        ax.plot([_time(s) for s, _ in points], [v for _, v in points],
+        ax.plot([utc_time(s) for s, _ in points], [v for _, v in points],
                 lw=1, label=name)
     ax.axhspan(-thresholds.mean_shift, thresholds.mean_shift, color='green',
                alpha=0.08, label=f'±{thresholds.mean_shift:g} std: no alert')
     shift_alerts = [a for a in alerts if a['metric'] == 'mean_shift']
     if shift_alerts:
-      ax.scatter([_time(a['window_start_s']) for a in shift_alerts],
+      ax.scatter([utc_time(a['window_start_s']) for a in shift_alerts],
                  [a['value'] for a in shift_alerts], marker='x', color='red',
                  zorder=3, label=f'alerts ({len(shift_alerts)})')
     ax.set_title('Numeric drift: window mean minus training mean, in '
@@ -159,7 +163,7 @@ def draw(problem: Problem, directory: str, output: str, top_keys: int = 5,
       points = sorted((s, r['unseen_share']) for (n, s), r in drift.items()
                       if n == name and r.get('unseen_share') is not None)
       if points and any(v for _, v in points):
-        ax.plot([_time(s) for s, _ in points], [v for _, v in points], lw=1,
+        ax.plot([utc_time(s) for s, _ in points], [v for _, v in points], lw=1,
                 label=f'{name}: unseen')
     for name in categorical:
       points = sorted(
@@ -167,13 +171,13 @@ def draw(problem: Problem, directory: str, output: str, top_keys: int = 5,
           for (n, s), r in drift.items()
           if n == name and r.get('missing_rate') is not None)
       if points and max(abs(v) for _, v in points) > 0.05:
-        ax.plot([_time(s) for s, _ in points], [v for _, v in points],
+        ax.plot([utc_time(s) for s, _ in points], [v for _, v in points],
                 lw=1, ls='--', label=f'{name}: missing-rate increase')
     ax.axhline(thresholds.unseen, color='red', lw=0.8, ls=':',
                label=f'unseen threshold {thresholds.unseen:g}')
     unseen_alerts = [a for a in alerts if a['metric'] == 'unseen_share']
     if unseen_alerts:
-      ax.scatter([_time(a['window_start_s']) for a in unseen_alerts],
+      ax.scatter([utc_time(a['window_start_s']) for a in unseen_alerts],
                  [a['value'] for a in unseen_alerts], marker='x',
                  color='red', zorder=3,
                  label=f'unseen alerts ({len(unseen_alerts)})')

@@ -27,6 +27,17 @@ from runners import kafka
 from runners.tools import RunnerSetupError
 
 
+def _create_topics(bootstrap: str, specs: list[str]) -> list[str]:
+  """Creates the ``NAME[:PARTITIONS]`` topics that do not exist; their
+  names."""
+  names = []
+  for spec in specs:
+    name, _, partitions = spec.partition(':')
+    kafka.create_topic(bootstrap, name, int(partitions or 1))
+    names.append(name)
+  return names
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog='python -m runners.kafka', description=__doc__.split('\n')[0])
@@ -50,10 +61,7 @@ def main(argv: list[str] | None = None) -> int:
   try:
     if args.command == 'up':
       state = kafka.up(args.data_dir, args.port, args.controller_port)
-      for spec in args.topic:
-        name, _, partitions = spec.partition(':')
-        kafka.create_topic(state['bootstrap_servers'], name,
-                           int(partitions or 1))
+      _create_topics(state['bootstrap_servers'], args.topic)
       print(f"Kafka {state['kafka_version']} up: pid {state['pid']}, "
             f"data {state['data_dir']}, log {state['log']}", file=sys.stderr)
       print(state['bootstrap_servers'])
@@ -64,9 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         print('error: no broker recorded; give --bootstrap_servers',
               file=sys.stderr)
         return 2
-      for spec in args.names:
-        name, _, partitions = spec.partition(':')
-        kafka.create_topic(bootstrap, name, int(partitions or 1))
+      for name in _create_topics(bootstrap, args.names):
         print(f'{name}: ready on {bootstrap}', file=sys.stderr)
     elif args.command == 'down':
       state = kafka.down()
