@@ -135,7 +135,6 @@ class Baseline:
 
   def run(self):
     from kafka import KafkaConsumer, KafkaProducer
-    from apache_beam.ml.inference.base import PredictionResult
     from models import export, serving
     from pipelines import serve
     from transforms import records as R
@@ -165,11 +164,11 @@ class Baseline:
         context = serve.EventContext(
             message.key.decode(), message.topic, message.partition,
             message.offset, message.timestamp, now)
-        result = PredictionResult(record, {
-            export.PROBABILITY: float(outputs[export.PROBABILITY][i]),
-            export.CLASS: int(outputs[export.CLASS][i])}, str(model.version))
+        answer = {export.PROBABILITY: float(outputs[export.PROBABILITY][i]),
+                  export.CLASS: int(outputs[export.CLASS][i])}
         producer.send(self._topics['out'], key=message.key, value=json.dumps(
-            serve.prediction_record(TAXI, context, result)).encode())
+            serve.answer_record(TAXI, context, record, answer, TAXI.name,
+                                model.version, strategy='single')).encode())
       producer.flush()
       consumer.commit()
     consumer.close()

@@ -27,7 +27,14 @@ joined by ``pipelines.quality``.
 
 New model versions are picked up without a restart: the pipeline watches
 ``--model_dir`` for ``<integer>/`` version directories, validates each new one
-and swaps it in between batches (see ``models.serving``).
+and swaps it in between batches (see ``models.serving``). Or models are
+data: with ``--model_topic`` the job follows the model registry topic
+(``models.registry``; ``python -m tools.models`` publishes, promotes, rolls
+back) and serves the ``--plan`` (or the plan on the topic): ``single``,
+``ab``, ``shadow``, ``ensemble``, ``budget`` or ``confidence``. Shadows'
+answers go to ``--shadow_topic`` (default ``<problem>-shadow``), their
+agreement with the live answers per ``--monitor_window`` to the metrics
+topic, model loads and rejections to ``--model_events_topic``.
 
 Run it locally (DirectRunner), or unchanged on another runner by flags::
 
@@ -42,7 +49,9 @@ Each prediction record (JSON, Kafka key = event id)::
     {"event_id": "taxi_trips-17", "problem": "taxi",
      "event_time": "2013-05-16T19:45:00Z", "event_time_ms": 1368733500000,
      "probability": 0.91, "class": 1,          # per task, see below
-     "model_version": 3, "label": 1,          # label: when the event has it
+     "model": "taxi", "model_version": 3, "strategy": "single",
+     "decision": {"arm": "taxi@3"},           # multi-model plans only
+     "label": 1,                              # when the event has it
      "source": {"topic": "taxi-events", "partition": 0, "offset": 16,
                 "timestamp_ms": 1368733500000},
      "ingest_ms": 1795290000123, "predicted_ms": 1795290000131}
@@ -73,7 +82,9 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.options.pipeline_options import StandardOptions
 from apache_beam.options.pipeline_options import TestOptions
 
+from models import registry
 from models import serving
+from models import strategies
 from runners import jobs
 from runners import options as runner_options
 from transforms import decode
@@ -99,7 +110,15 @@ class ServeOptions(PipelineOptions):
     # Kafka flags (--bootstrap_servers, --input_topic, --output_topic...) are
     # shared by every pipeline: kafka_io.KafkaOptions.
     parser.add_argument('--model_dir',
-                        help='Directory of <integer>/ SavedModel versions.')
+                        help='Directory of <integer>/ SavedModel versions '
+                        '(or --model_topic: models from the registry).')
+    parser.add_argument('--plan', default=None,
+                        help='Serving plan, JSON or a .json/.yaml file: '
+                        '{"strategy": "single|ab|shadow|ensemble|budget|'
+                        'confidence", "models": [...], ...} '
+                        '(models.registry.ServingPlan). A plan on the '
+                        'registry topic overrides it. Default: the live '
+                        'version of --model_name.')
     parser.add_argument('--model_poll_secs', type=float, default=5.0,
                         help='How often to look for a new model version.')
     parser.add_argument('--min_batch_size', type=int, default=1)
@@ -183,8 +202,21 @@ def attach_context(element: tuple[kafka_io.KafkaRecord, Record]
 def prediction_record(problem: Problem, context: EventContext,
                       result: PredictionResult) -> dict[str, Any]:
   """The JSON prediction written to the output topic (see module doc)."""
-  event_ms = event_time_ms(problem, context, result.example)
-  outputs = dict(result.inference)
+  served = result.inference
+  extra = {'strategy': served.strategy}
+  if served.decision:
+    extra['decision'] = served.decision
+  return answer_record(problem, context, result.example, served.answer,
+                       served.model, served.version, **extra)
+
+
+def answer_record(problem: Problem, context: EventContext, record: Record,
+                  answer: dict[str, Any], model: str, version: int,
+                  **extra) -> dict[str, Any]:
+  """One model's answer to one event as a JSON record: the prediction, or
+  a shadow's answer."""
+  event_ms = event_time_ms(problem, context, record)
+  outputs = dict(answer)
   if problem.task is Task.MULTICLASS:
     outputs['class_name'] = problem.label.classes[outputs['class']]
   return {
@@ -193,8 +225,10 @@ def prediction_record(problem: Problem, context: EventContext,
       'event_time': _iso(event_ms),
       'event_time_ms': event_ms,
       **outputs,
-      'model_version': int(result.model_id),
-      'label': R.label_value(problem, result.example),
+      'model': model,
+      'model_version': int(version),
+      **extra,
+      'label': R.label_value(problem, record),
       'source': {'topic': context.topic, 'partition': context.partition,
                  'offset': context.offset,
                  'timestamp_ms': context.timestamp_ms},
@@ -240,26 +274,39 @@ def _iso(ms: int) -> Optional[str]:
 class FormatPrediction(beam.DoFn):
   """(EventContext, PredictionResult) -> (event id, prediction dict), or a
   dead letter (``DEAD_LETTERS`` output) for an event the model could not
-  score or whose prediction cannot be formatted."""
+  score or whose prediction cannot be formatted.
+
+  With ``shadows``, each shadow's answer goes to ``SHADOW`` as (event id,
+  record) and its agreement with the live answer to ``AGREEMENT``; a
+  shadow that failed is counted, never a dead letter (the event was
+  answered).
+  """
 
   DEAD_LETTERS = 'dead_letters'
   SCORED = 'scored'
+  SHADOW = 'shadow'
+  AGREEMENT = 'agreement'
 
-  def __init__(self, problem: Problem, monitor: bool = False):
+  def __init__(self, problem: Problem, monitor: bool = False,
+               shadows: bool = False):
     self._problem = problem
     self._monitor = monitor
+    self._shadows = shadows
     self._predictions = Metrics.counter(METRICS_NAMESPACE, 'predictions')
     self._failed = Metrics.counter(METRICS_NAMESPACE, 'inference_failures')
+    self._shadow_failed = Metrics.counter(METRICS_NAMESPACE,
+                                          'shadow_failures')
     self._latency = Metrics.distribution(METRICS_NAMESPACE,
                                          'ingest_to_prediction_ms')
 
   def process(self, element):
     context, result = element
-    if isinstance(result.inference, serving.FailedInference):
+    served = result.inference
+    if isinstance(served.answer, serving.FailedInference):
       self._failed.inc()
       yield beam.pvalue.TaggedOutput(self.DEAD_LETTERS, at_event_time(
           self._problem, context, result.example,
-          context.dead_letter(result.inference.reason, 'Predict')))
+          context.dead_letter(served.answer.reason, 'Predict')))
       return
     try:
       prediction = prediction_record(self._problem, context, result)
@@ -273,13 +320,37 @@ class FormatPrediction(beam.DoFn):
     self._predictions.inc()
     self._latency.update(prediction['predicted_ms'] - context.ingest_ms)
     yield context.event_id, prediction
+    live = f'{served.model}@{served.version}'
     if self._monitor:
       yield beam.pvalue.TaggedOutput(self.SCORED, beam.window.TimestampedValue(
           monitoring.Scored.of(
-              self._problem, result.example, result.inference,
-              model=f"{self._problem.name}@{prediction['model_version']}",
+              self._problem, result.example, served.answer, model=live,
               event_id=context.event_id),
           prediction['event_time_ms'] / 1000))
+    if self._shadows:
+      yield from self._shadow_outputs(context, result.example, served,
+                                      prediction['event_time_ms'])
+
+  def _shadow_outputs(self, context, record, served, event_ms):
+    live = f'{served.model}@{served.version}'
+    for name, version, answer, ms in served.shadows:
+      if isinstance(answer, serving.FailedInference):
+        self._shadow_failed.inc()
+        continue
+      try:
+        shadow = answer_record(self._problem, context, record, answer, name,
+                               version, strategy='shadow', shadow_of=live,
+                               latency_ms=ms)
+        same, diff = strategies.disagreement(self._problem.task,
+                                             served.answer, answer)
+      except Exception:  # pylint: disable=broad-except
+        self._shadow_failed.inc()
+        continue
+      yield beam.pvalue.TaggedOutput(self.SHADOW, (context.event_id, shadow))
+      yield beam.pvalue.TaggedOutput(
+          self.AGREEMENT, beam.window.TimestampedValue(
+              {'live': live, 'shadow': f'{name}@{version}',
+               'same_class': same, 'abs_diff': diff}, event_ms / 1000))
 
 
 class InferenceDeadLetters(beam.DoFn):
@@ -311,22 +382,32 @@ class Predict(beam.PTransform):
     model_root: directory of versions; the newest valid one serves and newer
       ones are swapped in as they appear (``models.serving``).
     model_poll_secs: how often to look for a new version.
+    registry_spec: models and plan from the registry topic instead.
+    model_name: the name predictions carry in directory mode.
+    shadows: emit shadow answers and agreement (``FormatPrediction``).
   """
 
-  def __init__(self, problem: Problem, model_root: str,
+  def __init__(self, problem: Problem, model_root: Optional[str],
                model_poll_secs: float = 5.0,
                min_batch_size: int = 1, max_batch_size: int = 256,
                max_batch_duration_secs: Optional[float] = None,
-               check_model: bool = True, monitor: bool = False):
+               check_model: bool = True, monitor: bool = False,
+               registry_spec: Optional[serving.RegistrySpec] = None,
+               model_name: Optional[str] = None, shadows: bool = False):
     super().__init__()
     self._monitor = monitor
+    self._shadows = shadows
     if check_model:
       # Fail at launch, not on a worker, when nothing can be served.
-      serving.newest_valid_version(problem, model_root)
+      if registry_spec is not None:
+        check_registry(problem, registry_spec)
+      else:
+        serving.newest_valid_version(problem, model_root)
     self._problem = problem
     self._handler = KeyedModelHandler(serving.RawFeaturesModelHandler(
         problem, model_root, model_poll_secs, min_batch_size, max_batch_size,
-        max_batch_duration_secs))
+        max_batch_duration_secs, registry_spec=registry_spec,
+        model_name=model_name))
 
   def expand(self, events):
     results, failures = (
@@ -334,13 +415,15 @@ class Predict(beam.PTransform):
         | 'RunInference' >> RunInference(
             self._handler, metrics_namespace=METRICS_NAMESPACE
         ).with_exception_handling())
-    # The scored events only when monitoring: an output without a consumer
-    # is not free on every runner.
-    tags = ((FormatPrediction.DEAD_LETTERS, FormatPrediction.SCORED)
-            if self._monitor else (FormatPrediction.DEAD_LETTERS,))
+    # Outputs only when consumed: an output without a consumer is not free
+    # on every runner.
+    tags = ((FormatPrediction.DEAD_LETTERS,)
+            + ((FormatPrediction.SCORED,) if self._monitor else ())
+            + ((FormatPrediction.SHADOW, FormatPrediction.AGREEMENT)
+               if self._shadows else ()))
     formatted = results | 'FormatPrediction' >> beam.ParDo(
-        FormatPrediction(self._problem, self._monitor)).with_outputs(
-            *tags, main='predictions')
+        FormatPrediction(self._problem, self._monitor, self._shadows)
+    ).with_outputs(*tags, main='predictions')
     failed = failures.failed_inferences | 'FailedToDeadLetters' >> (
         beam.ParDo(InferenceDeadLetters(self._problem)))
     # Two failure streams, not flattened: a Flatten may end the fused stage
@@ -352,7 +435,46 @@ class Predict(beam.PTransform):
         # monitoring.Scored of every prediction, when monitoring.
         'scored': formatted[FormatPrediction.SCORED] if self._monitor
                   else None,
+        'shadow': formatted[FormatPrediction.SHADOW] if self._shadows
+                  else None,
+        'agreement': formatted[FormatPrediction.AGREEMENT] if self._shadows
+                     else None,
     }
+
+
+def check_registry(problem: Problem, spec: serving.RegistrySpec) -> None:
+  """Exits with a reason when the registry names no model the plan serves."""
+  try:
+    state = registry.read(spec.bootstrap_servers, spec.topic, problem.name,
+                          spec.consumer_config)
+    plan = state.plan or spec.plan
+    plan.check(problem.task.value)
+  except (registry.InvalidMessage, TimeoutError) as e:
+    raise SystemExit(f'pipelines.serve: {e}') from e
+  if not any(state.resolve(ref) for ref in plan.models):
+    known = ', '.join(f'{d.ref} ({d.state})' for d in state.descriptors())
+    raise SystemExit(
+        f'pipelines.serve: no model of the plan {list(plan.models)} is in '
+        f'the registry {spec.topic!r} (it has: {known or "nothing"}); '
+        'publish one first: python -m tools.models publish')
+
+
+def model_name(problem: Problem, opts: PipelineOptions) -> str:
+  return opts.view_as(registry.RegistryOptions).model_name or problem.name
+
+
+def registry_spec(problem: Problem, opts: 'ServeOptions'
+                  ) -> Optional[serving.RegistrySpec]:
+  """The registry the job follows (``--model_topic``), or None."""
+  kafka = opts.view_as(kafka_io.KafkaOptions)
+  if not kafka.model_topic:
+    return None
+  plan = (registry.load_plan(opts.plan) if opts.plan
+          else registry.single_plan(model_name(problem, opts)))
+  return serving.RegistrySpec(
+      kafka_io.bootstrap_servers(opts), kafka.model_topic, plan,
+      kafka.model_events_topic or problem.topic('model-events'),
+      dict(kafka.consumer_config), dict(kafka.producer_config))
 
 
 def topics(problem: Problem, kafka: kafka_io.KafkaOptions) -> dict[str, str]:
@@ -363,7 +485,10 @@ def topics(problem: Problem, kafka: kafka_io.KafkaOptions) -> dict[str, str]:
                            or problem.topic('dead-letters')),
           'metrics': kafka.metrics_topic or problem.topic('metrics'),
           'alerts': kafka.alerts_topic or problem.topic('alerts'),
-          'late': kafka.late_topic or problem.topic('monitor-late')}
+          'late': kafka.late_topic or problem.topic('monitor-late'),
+          'shadow': kafka.shadow_topic or problem.topic('shadow'),
+          'model_events': (kafka.model_events_topic
+                           or problem.topic('model-events'))}
 
 
 def build(pipeline: beam.Pipeline, opts: ServeOptions,
@@ -395,6 +520,7 @@ def build(pipeline: beam.Pipeline, opts: ServeOptions,
           consumer_config=kafka.consumer_config)
       | 'ParseEvents' >> decode.DecodeEvents(problem, with_source=True))
   stats_path = opts.view_as(monitoring.MonitorOptions).training_stats
+  spec = registry_spec(problem, opts)
   scored = (events.records
             | 'AttachContext' >> beam.Map(attach_context)
             | 'Predict' >> Predict(
@@ -403,7 +529,10 @@ def build(pipeline: beam.Pipeline, opts: ServeOptions,
                 # A Dataflow --dry_run builds the graph without touching the
                 # (remote) model directory.
                 check_model=not opts.view_as(TestOptions).dry_run,
-                monitor=bool(stats_path)))
+                monitor=bool(stats_path), registry_spec=spec,
+                model_name=model_name(problem, opts),
+                # A registry plan may add shadows at any time.
+                shadows=spec is not None))
   decode_failures = events.dead_letters | 'KeyDeadLetters' >> beam.Map(
       lambda d: (f"{d['topic']}-{d['partition']}-{d['offset']}", d))
   failures = {'Decode': decode_failures, 'Predict': scored['failures'][0],
@@ -423,7 +552,8 @@ def build(pipeline: beam.Pipeline, opts: ServeOptions,
           producer_config=kafka.producer_config, give_up_s=kafka.give_up_s)
     dead_letters = tuple(failures.values()) | 'MergeDeadLetters' >> (
         beam.Flatten())
-    return _with_monitor(problem, opts, names, scored, dead_letters)
+    return _with_shadows(opts, names, scored, _with_monitor(
+        problem, opts, names, scored, dead_letters))
   unwritable = scored['predictions'] | 'WritePredictions' >> (
       kafka_io.WriteToKafka(bootstrap, names['output'],
                             producer_config=kafka.producer_config,
@@ -444,7 +574,8 @@ def build(pipeline: beam.Pipeline, opts: ServeOptions,
         kafka_io.log_unwritable, names['dead_letters'])
   dead_letters = tuple(streams.values()) | 'MergeDeadLetters' >> (
       beam.Flatten())
-  return _with_monitor(problem, opts, names, scored, dead_letters)
+  return _with_shadows(opts, names, scored, _with_monitor(
+      problem, opts, names, scored, dead_letters))
 
 
 def _with_monitor(problem: Problem, opts: ServeOptions, names: dict[str, str],
@@ -483,19 +614,50 @@ def _with_monitor(problem: Problem, opts: ServeOptions, names: dict[str, str],
       counted['late'] | 'TagLateDeadLetters' >> beam.Map(
           lambda row: {'stage': 'dead_letter_counts', **row})
   ) | 'MergeMonitorLate' >> beam.Flatten()
-  kafka = opts.view_as(kafka_io.KafkaOptions)
   for name in ('metrics', 'alerts', 'late'):
-    label = name.capitalize()
-    unwritable = (
-        outputs[name]
-        | f'KeyMonitor{label}' >> beam.Map(lambda row: (_row_key(row), row))
-        | f'WriteMonitor{label}' >> kafka_io.WriteToKafka(
-            kafka_io.bootstrap_servers(opts), names[name],
-            producer_config=kafka.producer_config, event_timestamps=False,
-            give_up_s=kafka.give_up_s))
-    _ = unwritable | f'LogUnwritableMonitor{label}' >> beam.FlatMap(
-        kafka_io.log_unwritable, names[name])
+    _write_rows(outputs[name], f'Monitor{name.capitalize()}', names[name],
+                opts)
   return outputs
+
+
+def _with_shadows(opts: ServeOptions, names: dict[str, str],
+                  scored: dict[str, Any], outputs: dict[str, Any]
+                  ) -> dict[str, Any]:
+  """With a registry, the shadows' answers to the shadow topic and their
+  agreement with the live answers, per window and pair, to the metrics
+  topic (at least once, like the monitor's rows)."""
+  if scored['shadow'] is None:
+    return outputs
+  kafka = opts.view_as(kafka_io.KafkaOptions)
+  lost = scored['shadow'] | 'WriteShadowAnswers' >> kafka_io.WriteToKafka(
+      kafka_io.bootstrap_servers(opts), names['shadow'],
+      producer_config=kafka.producer_config, event_timestamps=False,
+      give_up_s=kafka.give_up_s)
+  _ = lost | 'LogUnwritableShadowAnswers' >> beam.FlatMap(
+      kafka_io.log_unwritable, names['shadow'])
+  config = windowing.WindowConfig(
+      kind=windowing.WindowKind.FIXED, size=opts.monitor_window,
+      allowed_lateness=opts.monitor_allowed_lateness)
+  agreement = scored['agreement'] | 'ShadowAgreement' >> (
+      monitoring.ShadowAgreement(config))
+  _write_rows(agreement['rows'], 'Agreement', names['metrics'], opts)
+  return dict(outputs, shadow=scored['shadow'], agreement=agreement['rows'])
+
+
+def _write_rows(rows, label: str, topic: str, opts: ServeOptions) -> None:
+  """Monitor rows to ``topic``, keyed by what they measure and their window
+  (``Key<label>``, ``Write<label>``, ``LogUnwritable<label>``: step names
+  a Flink savepoint restores by)."""
+  kafka = opts.view_as(kafka_io.KafkaOptions)
+  unwritable = (
+      rows
+      | f'Key{label}' >> beam.Map(lambda row: (_row_key(row), row))
+      | f'Write{label}' >> kafka_io.WriteToKafka(
+          kafka_io.bootstrap_servers(opts), topic,
+          producer_config=kafka.producer_config, event_timestamps=False,
+          give_up_s=kafka.give_up_s))
+  _ = unwritable | f'LogUnwritable{label}' >> beam.FlatMap(
+      kafka_io.log_unwritable, topic)
 
 
 def _row_key(row: dict[str, Any]) -> str:
@@ -541,8 +703,13 @@ def start(argv: Optional[list[str]] = None):
       sys.argv[1:] if argv is None else argv, streaming=True))
   options.view_as(StandardOptions).streaming = True
   opts = options.view_as(ServeOptions)
-  if not opts.model_dir:
-    raise SystemExit('pipelines.serve: --model_dir is required')
+  model_topic = opts.view_as(kafka_io.KafkaOptions).model_topic
+  if not opts.model_dir and not model_topic:
+    raise SystemExit('pipelines.serve: --model_dir or --model_topic is '
+                     'required')
+  if opts.plan and not model_topic:
+    raise SystemExit('pipelines.serve: --plan needs --model_topic (the '
+                     'models of a plan come from the registry)')
   problem = problem_lib.load(
       options.view_as(problem_lib.ProblemOptions).problem)
   pipeline = beam.Pipeline(options=options)
@@ -550,8 +717,14 @@ def start(argv: Optional[list[str]] = None):
   names = topics(problem, opts.view_as(kafka_io.KafkaOptions))
   print(f'[serve] {problem.name}: {kafka_io.bootstrap_servers(opts)} '
         f'{names["input"]} -> {names["output"]} (dead letters: '
-        f'{names["dead_letters"]}), models from {opts.model_dir}',
+        f'{names["dead_letters"]}), models from '
+        f'{opts.model_dir or "registry " + model_topic}',
         file=sys.stderr, flush=True)
+  if model_topic:
+    print(f'[serve] plan: {opts.plan or "single " + model_name(problem, opts)} '
+          f'(a plan on {model_topic} overrides it); shadows -> '
+          f'{names["shadow"]}, model events -> {names["model_events"]}',
+          file=sys.stderr, flush=True)
   if options.view_as(monitoring.MonitorOptions).training_stats:
     print(f'[serve] monitor: {opts.monitor_window:g} s windows -> '
           f'{names["metrics"]} (alerts: {names["alerts"]}, late: '

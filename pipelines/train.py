@@ -42,16 +42,18 @@ import logging
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Optional
 
 import apache_beam as beam
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.options.pipeline_options import TestOptions
 
+from models import registry
 from runners import options as runner_options
 from transforms import columns
 from transforms import csv_io
+from transforms import kafka_io
 from transforms import problem as problem_lib
 from transforms import records as R
 from transforms import stats as feature_stats
@@ -236,6 +238,32 @@ def train_and_export(problem: Problem, output_dir: str,
           'seconds': timings}, model
 
 
+def publish_model(problem: Problem, options: PipelineOptions,
+                  path: str) -> Optional[dict[str, Any]]:
+  """With ``--model_topic``: announces the exported version on the model
+  registry (``--publish_state`` candidate or live; promoting it retires the
+  live one), so serving jobs that follow the registry pick it up."""
+  kafka = options.view_as(kafka_io.KafkaOptions)
+  if not kafka.model_topic:
+    return None
+  flags = options.view_as(registry.RegistryOptions)
+  bootstrap = kafka_io.bootstrap_servers(options)
+  descriptor = registry.describe(problem, path, flags.model_name)
+  registry.ensure_topic(bootstrap, kafka.model_topic, kafka.consumer_config)
+  messages = [(descriptor.key, descriptor.to_json())]
+  registry.publish(bootstrap, kafka.model_topic, messages,
+                   kafka.producer_config)
+  if flags.publish_state == registry.LIVE:
+    state = registry.read(bootstrap, kafka.model_topic, problem.name,
+                          kafka.consumer_config)
+    registry.publish(bootstrap, kafka.model_topic, registry.promote_messages(
+        state, descriptor.name, descriptor.version), kafka.producer_config)
+  print(f'[train] published {descriptor.ref} as {flags.publish_state} on '
+        f'{kafka.model_topic}', file=sys.stderr, flush=True)
+  return {'model': descriptor.ref, 'state': flags.publish_state,
+          'topic': kafka.model_topic}
+
+
 def run(argv: list[str] | None = None) -> dict[str, Any]:
   """Runs all stages; returns (and writes) ``metrics.json``."""
   options = TrainOptions(runner_options.resolve(
@@ -282,6 +310,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                             total=time.monotonic() - started)
   with tf.io.gfile.GFile(os.path.join(output_dir, 'metrics.json'), 'w') as f:
     json.dump(metrics, f, indent=2)
+  published = publish_model(problem, options, metrics['model_path'])
+  if published:
+    metrics['published'] = published
   from models.metrics import HEADLINE
   headline, _ = HEADLINE[problem.task]
   print(f'[train] 3/3 exported model version {metrics["model_version"]}: '

@@ -14,7 +14,6 @@ mocked and nothing skips: Prism is the real binary, Flink the real job server
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import glob
 import json
@@ -35,7 +34,6 @@ from apache_beam.options.pipeline_options import (DebugOptions,
                                                   SetupOptions,
                                                   StandardOptions,
                                                   TypeOptions)
-from apache_beam.runners.portability import job_server
 from apache_beam.testing.test_stream import TestStream as BeamTestStream
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms import window
@@ -45,6 +43,8 @@ from runners import flink, prism
 from runners import options as runner_options
 from runners.options import RunnerOptionsError, get_flag, has_flag, resolve
 from runners.tools import REPO_ROOT, RunnerSetupError
+from tests.flink_jobs import HARNESS_HANG_UP as _HARNESS_HANG_UP
+from tests.flink_jobs import stopping_job_servers as _stopping_flink_job_servers
 from tests.topics import TopicReader
 from tests.taxi import TAXI
 
@@ -433,37 +433,6 @@ def test_prism_streaming_output_equals_direct_runner(oracle, tmp_path):
 
 
 # ---- Flink: Beam's job server 2.62 (runners.flink) and Flink 1.19. ----
-
-
-@contextlib.contextmanager
-def _stopping_flink_job_servers():
-  """Stops the job servers Beam's FlinkRunner starts inside the block.
-
-  Beam keeps each one (a JVM, with its mini-cluster for [local]) until the
-  Python process exits; a test session would pile them up. Observing
-  ``StopOnExitJobServer.start`` changes nothing else.
-  """
-  started = []
-  original = job_server.StopOnExitJobServer.start
-
-  def start(self):
-    started.append(self)
-    return original(self)
-
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(job_server.StopOnExitJobServer, 'start', start)
-    try:
-      yield
-    finally:
-      for server in started:
-        server.stop()
-
-
-# When a job server stops, the in-process SDK harness threads of its finished
-# or cancelled job see their gRPC streams end (CANCELLED "Multiplexer hanging
-# up", UNAVAILABLE "Socket closed") and pytest reports each thread's exception.
-_HARNESS_HANG_UP = pytest.mark.filterwarnings(
-    'ignore::pytest.PytestUnhandledThreadExceptionWarning')
 
 
 @pytest.fixture

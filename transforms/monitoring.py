@@ -508,3 +508,65 @@ class DeadLetterCounts(beam.PTransform):
               | 'NonEmpty' >> windowing.DropEmptyPanes(lambda n: n)
               | 'Format' >> beam.ParDo(_FormatCountFn()))
     return {'counts': counts, 'late': split['late']}
+
+
+class AgreementFn(beam.CombineFn):
+  """Shadow-vs-live agreements -> n, share of equal classes, mean |Δ|."""
+
+  def create_accumulator(self) -> list:
+    return [0, 0, 0, 0.0]  # n, n with a class, same class, sum |Δ|
+
+  def add_input(self, acc: list, agreement: dict[str, Any]) -> list:
+    acc[0] += 1
+    if agreement['same_class'] is not None:
+      acc[1] += 1
+      acc[2] += int(agreement['same_class'])
+    acc[3] += agreement['abs_diff']
+    return acc
+
+  def merge_accumulators(self, accs: Iterable[list]) -> list:
+    out = self.create_accumulator()
+    for acc in accs:
+      out = [a + b for a, b in zip(out, acc)]
+    return out
+
+  def extract_output(self, acc: list) -> dict[str, Any]:
+    n, n_class, same, total = acc
+    return {'n': n,
+            'same_class_share': same / n_class if n_class else None,
+            'mean_abs_diff': total / n if n else None}
+
+
+class _FormatAgreementFn(beam.DoFn):
+
+  def process(self, element, window=beam.DoFn.WindowParam,
+              pane=beam.DoFn.PaneInfoParam):
+    key, summary = element
+    live, _, shadow = key.partition('|')
+    yield {'type': 'agreement', 'model_key': key, 'live': live,
+           'shadow': shadow, **summary, **windowing.window_fields(window),
+           **windowing.pane_fields(pane)}
+
+
+def _agreement_key(agreement: dict[str, Any]) -> str:
+  return f"{agreement['live']}|{agreement['shadow']}"
+
+
+class ShadowAgreement(beam.PTransform):
+  """Timestamped ``{'live', 'shadow', 'same_class', 'abs_diff'}`` (one per
+  event and shadow, from serving) -> ``{'rows': per live/shadow pair, window
+  and pane: n, same_class_share, mean_abs_diff; 'late': too late}``."""
+
+  def __init__(self, config: windowing.WindowConfig):
+    super().__init__()
+    self._config = config
+
+  def expand(self, agreements):
+    split = agreements | 'WindowAgreements' >> windowing.WindowWithLateOutput(
+        self._config, key_fn=_agreement_key, key_name='model_key',
+        describe=dict)
+    rows = (split['windowed']
+            | 'Combine' >> beam.CombinePerKey(AgreementFn())
+            | 'NonEmpty' >> windowing.DropEmptyPanes(lambda s: s['n'])
+            | 'Format' >> beam.ParDo(_FormatAgreementFn()))
+    return {'rows': rows, 'late': split['late']}

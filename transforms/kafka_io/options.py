@@ -67,6 +67,17 @@ class KafkaOptions(PipelineOptions):
                         help='Serving monitor rows (drift, prediction '
                         'distribution, dead letters per window); default '
                         '<problem>-metrics.')
+    parser.add_argument('--model_topic', default=None,
+                        help='The model registry (compacted): serve follows '
+                        'it instead of --model_dir, train publishes to it '
+                        '(models.registry).')
+    parser.add_argument('--shadow_topic', default=None,
+                        help='Shadow models\' answers; default '
+                        '<problem>-shadow.')
+    parser.add_argument('--model_events_topic', default=None,
+                        help='Models loaded and rejected by serving '
+                        'workers, and promotions; default '
+                        '<problem>-model-events.')
     parser.add_argument('--group_id', default=None,
                         help='Consumer group whose committed offsets a '
                         'restarted job resumes from (default per pipeline).')
