@@ -351,7 +351,7 @@ class RegistryModels:
     self._lock = threading.Lock()
     self._snapshot: Optional[Snapshot] = None
     self._loaded: dict[tuple, LoadedModel] = {}
-    self._rejected: dict[tuple, str] = {}
+    self._rejected: dict[tuple, int] = {}  # -> the rejected created_ms
     self._events: list[tuple[str, Any]] = []
     self._fingerprint = registry.signature_fingerprint(problem)
     self._producer = None
@@ -458,7 +458,9 @@ class RegistryModels:
     key = (d.name, d.version, d.uri)
     if key in self._loaded:
       return self._loaded[key]
-    if key in self._rejected:
+    # A rejected descriptor is tried again when it is published again (a
+    # slow upload finished, a file was fixed): its created time changes.
+    if self._rejected.get(key) == d.created_ms:
       return None
     if d.problem != self._problem.name:
       reason = f'made for problem {d.problem!r}, not {self._problem.name!r}'
@@ -471,7 +473,7 @@ class RegistryModels:
         self._loaded[key] = model._replace(name=d.name, version=d.version)
         self._note('loaded', d.ref, uri=d.uri)
         return self._loaded[key]
-    self._rejected[key] = reason
+    self._rejected[key] = d.created_ms
     self._note('rejected', d.ref, uri=d.uri, reason=reason)
     return None
 

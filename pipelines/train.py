@@ -310,15 +310,18 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                             total=time.monotonic() - started)
   with tf.io.gfile.GFile(os.path.join(output_dir, 'metrics.json'), 'w') as f:
     json.dump(metrics, f, indent=2)
-  published = publish_model(problem, options, metrics['model_path'])
-  if published:
-    metrics['published'] = published
   from models.metrics import HEADLINE
   headline, _ = HEADLINE[problem.task]
   print(f'[train] 3/3 exported model version {metrics["model_version"]}: '
         f'eval {headline} {metrics[headline]:.4f}, '
         f'{n_train} train / {metrics["n_eval"]} eval rows, '
         f'{n_invalid} dead letters', file=sys.stderr, flush=True)
+  published = publish_model(problem, options, metrics['model_path'])
+  if published:
+    metrics['published'] = published
+    with tf.io.gfile.GFile(os.path.join(output_dir, 'metrics.json'),
+                           'w') as f:
+      json.dump(metrics, f, indent=2)
   return metrics
 
 
