@@ -54,6 +54,7 @@ from runners import jobs
 from runners import options as runner_options
 from transforms import csv_io
 from transforms import decode
+from transforms import formats
 from transforms import kafka_io
 from transforms import monitoring
 from transforms import problem as problem_lib
@@ -143,8 +144,10 @@ def read_csv_records(pipeline, problem: Problem, file_pattern: str):
 
 
 def read_kafka_records(pipeline, problem: Problem, opts: AnalyticsOptions):
-  """Kafka JSON events -> (Records timestamped by event time, dead letters)."""
+  """Kafka events (``--input_format``) -> (Records timestamped by event
+  time, dead letters)."""
   kafka = opts.view_as(kafka_io.KafkaOptions)
+  event_format = formats.EventFormat.from_options(opts, problem)
   events = (
       pipeline
       | 'ReadEvents' >> kafka_io.ReadFromKafka(
@@ -152,12 +155,14 @@ def read_kafka_records(pipeline, problem: Problem, opts: AnalyticsOptions):
           kafka.input_topic or problem.topic('events'),
           group_id=kafka.group_id or DEFAULT_GROUP_ID,
           auto_offset_reset=kafka.start,
-          bounded=opts.bounded, event_time=decode.event_time(problem),
+          bounded=opts.bounded, event_time=decode.event_time(
+              problem, event_format),
           watermark=kafka_io.policy_from_flags(
               kafka, DEFAULT_MAX_OUT_OF_ORDERNESS),
           partition_discovery_s=kafka.partition_discovery_s,
           consumer_config=kafka.consumer_config)
-      | 'DecodeEvents' >> decode.DecodeEvents(problem))
+      | 'DecodeEvents' >> decode.DecodeEvents(problem,
+                                              event_format=event_format))
   return events.records, events.dead_letters
 
 

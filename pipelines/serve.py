@@ -88,6 +88,7 @@ from models import strategies
 from runners import jobs
 from runners import options as runner_options
 from transforms import decode
+from transforms import formats
 from transforms import kafka_io
 from transforms import monitoring
 from transforms import problem as problem_lib
@@ -498,6 +499,7 @@ def build(pipeline: beam.Pipeline, opts: ServeOptions,
   kafka = opts.view_as(kafka_io.KafkaOptions)
   names = topics(problem, kafka)
   group_id = kafka.group_id or DEFAULT_GROUP_ID
+  event_format = formats.EventFormat.from_options(opts, problem)
   exactly_once = kafka.delivery == kafka_io.EXACTLY_ONCE
   if exactly_once and opts.max_batch_duration_secs:
     raise SystemExit(
@@ -510,7 +512,8 @@ def build(pipeline: beam.Pipeline, opts: ServeOptions,
           bootstrap, names['input'], group_id=group_id,
           # Exactly-once: the output transactions commit the offsets.
           commit_offsets=not exactly_once, give_up_s=kafka.give_up_s,
-          auto_offset_reset=kafka.start, event_time=decode.event_time(problem),
+          auto_offset_reset=kafka.start, event_time=decode.event_time(
+              problem, event_format),
           watermark=kafka_io.policy_from_flags(
               kafka, DEFAULT_MAX_OUT_OF_ORDERNESS),
           checkpoint_interval_s=opts.bundle_secs,
@@ -518,7 +521,8 @@ def build(pipeline: beam.Pipeline, opts: ServeOptions,
           poll_timeout_s=min(1.0, opts.bundle_secs),
           partition_discovery_s=kafka.partition_discovery_s,
           consumer_config=kafka.consumer_config)
-      | 'ParseEvents' >> decode.DecodeEvents(problem, with_source=True))
+      | 'ParseEvents' >> decode.DecodeEvents(
+          problem, with_source=True, event_format=event_format))
   stats_path = opts.view_as(monitoring.MonitorOptions).training_stats
   spec = registry_spec(problem, opts)
   scored = (events.records
@@ -746,4 +750,6 @@ def run(argv: Optional[list[str]] = None):
 
 if __name__ == '__main__':
   logging.getLogger().setLevel(logging.INFO)
+  # RunInference's batcher logs a line of timings per bundle at INFO.
+  logging.getLogger('apache_beam.transforms.util').setLevel(logging.WARNING)
   run()

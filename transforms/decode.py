@@ -14,33 +14,35 @@ from typing import Optional
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+from transforms import formats
 from transforms import kafka_io
 from transforms import records
 from transforms.kafka_io import KafkaRecord, dead_letter
-from transforms.problem import Problem
+from transforms.problem import Problem, TimeUnit
 
 METRICS_NAMESPACE = kafka_io.METRICS_NAMESPACE
 
 
 def decode_event(problem: Problem, record: KafkaRecord,
-                 require_label: bool = False) -> records.Record:
-  """A Kafka record's value as a validated ``records.Record``.
+                 require_label: bool = False,
+                 event_format: formats.EventFormat = formats.EventFormat()
+                 ) -> records.Record:
+  """A Kafka record's value (in ``event_format``, default JSON) as a
+  validated ``records.Record``.
 
   Raises:
     records.InvalidRecord: with the reasons, field by field.
   """
-  if record.value is None:
-    raise records.InvalidRecord(
-        [records.FieldError('*', None, 'null value (tombstone)')])
-  return records.parse_json_bytes(problem, record.value,
-                                  require_label=require_label)
+  return event_format.decode(problem, record.value, require_label)
 
 
 class _DecodeEventsFn(beam.DoFn):
 
   def __init__(self, problem: Problem, require_label: bool, with_keys: bool,
-               metrics_namespace: str, with_source: bool = False):
+               metrics_namespace: str, with_source: bool = False,
+               event_format: formats.EventFormat = formats.EventFormat()):
     self._problem = problem
+    self._format = event_format
     self._require_label = require_label
     self._with_keys = with_keys
     self._with_source = with_source
@@ -49,7 +51,8 @@ class _DecodeEventsFn(beam.DoFn):
 
   def process(self, record: KafkaRecord):
     try:
-      parsed = decode_event(self._problem, record, self._require_label)
+      parsed = decode_event(self._problem, record, self._require_label,
+                            self._format)
     except records.InvalidRecord as e:
       errors = e.to_dicts()
     except Exception as e:  # pylint: disable=broad-except
@@ -87,6 +90,8 @@ class DecodeEvents(beam.PTransform):
     with_source: emit ``(KafkaRecord, Record)``: the key, topic, partition,
       offset and timestamp travel with the record (serving stamps them on
       predictions), and the original bytes (for a later dead letter).
+    event_format: how values are encoded (``transforms.formats``; JSON by
+      default).
 
   Returns (from ``expand``): a tuple with ``.records`` and ``.dead_letters``.
   """
@@ -94,9 +99,11 @@ class DecodeEvents(beam.PTransform):
   DEAD_LETTERS = 'dead_letters'
 
   def __init__(self, problem: Problem, require_label: bool = False,
-               with_keys: bool = False, with_source: bool = False):
+               with_keys: bool = False, with_source: bool = False,
+               event_format: formats.EventFormat = formats.EventFormat()):
     super().__init__()
     self._problem = problem
+    self._format = event_format
     self._require_label = require_label
     self._with_keys = with_keys
     self._with_source = with_source
@@ -104,26 +111,38 @@ class DecodeEvents(beam.PTransform):
   def expand(self, pcoll):
     return pcoll | 'ParseJson' >> beam.ParDo(_DecodeEventsFn(
         self._problem, self._require_label, self._with_keys, METRICS_NAMESPACE,
-        with_source=self._with_source)).with_outputs(
+        with_source=self._with_source, event_format=self._format)
+    ).with_outputs(
             self.DEAD_LETTERS, main=self.RECORDS)
 
 
 class ProblemEventTime:
-  """The Kafka source's event time of a problem's JSON events, in seconds."""
+  """The Kafka source's event time of a problem's events, in seconds."""
 
-  def __init__(self, problem: Problem):
+  def __init__(self, problem: Problem,
+               event_format: formats.EventFormat = formats.EventFormat()):
+    self._problem = problem
     self._event_time = problem.event_time
+    self._format = event_format
 
   def __call__(self, record: KafkaRecord) -> Optional[float]:
     try:
-      return self._event_time.raw_seconds(
-          json.loads(record.value)[self._event_time.field])
+      if self._format.name == formats.JSON:
+        value = json.loads(record.value)[self._event_time.field]
+      else:
+        value = self._format.raw_event(self._problem,
+                                       record.value)[self._event_time.field]
+        if isinstance(value, str) and value.strip() and (
+            self._event_time.unit is not TimeUnit.FORMAT):
+          value = float(value)
+      return self._event_time.raw_seconds(value)
     except Exception:  # pylint: disable=broad-except
       return None      # the source falls back to the Kafka timestamp
 
 
-def event_time(problem: Problem):
+def event_time(problem: Problem,
+               event_format: formats.EventFormat = formats.EventFormat()):
   """The Kafka source's ``event_time``: the problem's field, else the Kafka
   timestamp."""
   return 'kafka' if problem.event_time.field is None else ProblemEventTime(
-      problem)
+      problem, event_format)
