@@ -31,18 +31,32 @@ or, unchanged, on another runner chosen by flags::
         --output_dir gs://b/out --runner dataflow --project P --region R \\
         --temp_location gs://b/tmp
 
+Or from a bounded range of a Kafka topic, in any event format
+(``transforms.formats``), through the same decoder and dead-letter path as
+serving; the split key then hashes the record's typed values, so the same
+rows split alike whatever format they came in::
+
+    python -m pipelines.train --problem hcopd --input_topic hcopd-data \
+        --input_format avro --from_offsets '{"0": 0}' --to_offsets '{"0": 239}' \
+        --output_dir out/hcopd [--model_topic hcopd-models --publish_state live]
+
+(``--from_time``/``--to_time`` instead of offsets; neither: the whole topic
+up to now). ``--model_topic`` publishes the exported version to the model
+registry (``models.registry``).
+
 Model training (stage 2) runs in the launching process, as the TFX Trainer
 runs after Transform; the Beam stage is what scales out.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import apache_beam as beam
 from apache_beam.metrics.metric import MetricsFilter
@@ -53,6 +67,8 @@ from models import registry
 from runners import options as runner_options
 from transforms import columns
 from transforms import csv_io
+from transforms import decode
+from transforms import formats
 from transforms import kafka_io
 from transforms import problem as problem_lib
 from transforms import records as R
@@ -81,6 +97,20 @@ class TrainOptions(PipelineOptions):
                         'else models.model.HParams).')
     parser.add_argument('--batch_size', type=int, default=1024,
                         help='Rows per Arrow RecordBatch fed to tf.Transform.')
+    # Training from a topic (--input_topic, a Kafka flag; --input_format).
+    parser.add_argument('--from_offsets', default=None,
+                        help='With --input_topic: first offset to read, one '
+                        'for every partition (e.g. 0) or JSON {"partition": '
+                        'offset}. Default: the start of the topic.')
+    parser.add_argument('--to_offsets', default=None,
+                        help='With --input_topic: stop before these offsets '
+                        '(same forms). Default: the end at launch.')
+    parser.add_argument('--from_time', default=None,
+                        help='With --input_topic: first record appended at '
+                        'or after this time (epoch ms or ISO-8601 UTC).')
+    parser.add_argument('--to_time', default=None,
+                        help='With --input_topic: stop before the first '
+                        'record appended at or after this time.')
 
 
 class ParseAndSplit(beam.PTransform):
@@ -95,15 +125,112 @@ class ParseAndSplit(beam.PTransform):
     parsed = rows | 'ParseRows' >> beam.ParDo(
         csv_io.ParseRow(self._problem)).with_outputs(
             csv_io.ParseRow.DEAD_LETTER, main='records')
-    train, evaluation = (
-        parsed.records
-        | 'SplitTrainEval' >> beam.Partition(
-            lambda kv, _: int(R.is_eval(kv[0], self._eval_percent)), 2))
-    return {
-        'train': train | 'DropTrainKeys' >> beam.Values(),
-        'eval': evaluation | 'DropEvalKeys' >> beam.Values(),
-        'dead_letters': parsed[csv_io.ParseRow.DEAD_LETTER],
-    }
+    split = parsed.records | 'SplitTrainEval' >> SplitTrainEval(
+        self._eval_percent)
+    return dict(split, dead_letters=parsed[csv_io.ParseRow.DEAD_LETTER])
+
+
+class SplitTrainEval(beam.PTransform):
+  """(record key, Record) → {'train', 'eval'} by a hash of the key."""
+
+  def __init__(self, eval_percent: int):
+    super().__init__()
+    self._eval_percent = eval_percent
+
+  def expand(self, keyed):
+    train, evaluation = keyed | 'Split' >> beam.Partition(
+        lambda kv, _: int(R.is_eval(kv[0], self._eval_percent)), 2)
+    return {'train': train | 'DropTrainKeys' >> beam.Values(),
+            'eval': evaluation | 'DropEvalKeys' >> beam.Values()}
+
+
+@dataclasses.dataclass(frozen=True)
+class TopicRange:
+  """A bounded range of a Kafka topic to train on (``--input_topic``)."""
+  bootstrap_servers: str
+  topic: str
+  event_format: formats.EventFormat = formats.EventFormat()
+  start_offsets: Any = None
+  stop_offsets: Any = None
+  start_timestamp_ms: Optional[int] = None
+  stop_timestamp_ms: Optional[int] = None
+  consumer_config: Optional[dict] = None
+
+  def describe(self) -> str:
+    start = (self.start_offsets if self.start_offsets is not None
+             else self.start_timestamp_ms or 'the start')
+    stop = (self.stop_offsets if self.stop_offsets is not None
+            else self.stop_timestamp_ms or 'the end at launch')
+    return (f'{self.topic} ({self.event_format.name}) from {start} to '
+            f'{stop}')
+
+
+def _offsets(text: Optional[str], topic: str) -> Any:
+  if text is None:
+    return None
+  value = json.loads(text)
+  if isinstance(value, int):
+    return value
+  return {(topic, int(p)): int(o) for p, o in value.items()}
+
+
+def _epoch_ms(text: Optional[str]) -> Optional[int]:
+  if text is None:
+    return None
+  if text.lstrip('-').isdigit():
+    return int(text)
+  import datetime
+  moment = datetime.datetime.fromisoformat(text.replace('Z', '+00:00'))
+  if moment.tzinfo is None:
+    moment = moment.replace(tzinfo=datetime.timezone.utc)
+  return int(moment.timestamp() * 1000)
+
+
+def topic_range(options: PipelineOptions, problem: Problem
+                ) -> Optional[TopicRange]:
+  """The topic range the flags name, or None (training from files)."""
+  kafka = options.view_as(kafka_io.KafkaOptions)
+  if not kafka.input_topic:
+    return None
+  flags = options.view_as(TrainOptions)
+  return TopicRange(
+      kafka_io.bootstrap_servers(options), kafka.input_topic,
+      formats.EventFormat.from_options(options, problem),
+      _offsets(flags.from_offsets, kafka.input_topic),
+      _offsets(flags.to_offsets, kafka.input_topic),
+      _epoch_ms(flags.from_time), _epoch_ms(flags.to_time),
+      dict(kafka.consumer_config))
+
+
+class ReadTopicRecords(beam.PTransform):
+  """A bounded topic range → (record key, Record) and dead letters.
+
+  The same decoder and validation as serving (``decode.DecodeEvents``,
+  labels required). The split key hashes the record's typed values, so the
+  same rows split the same way whatever format they came in.
+  """
+
+  def __init__(self, problem: Problem, source: TopicRange):
+    super().__init__()
+    self._problem = problem
+    self._source = source
+
+  def expand(self, pbegin):
+    src, problem = self._source, self._problem
+    decoded = (
+        pbegin
+        | 'ReadTopic' >> kafka_io.ReadFromKafka(
+            src.bootstrap_servers, src.topic, commit_offsets=False,
+            start_offsets=src.start_offsets,
+            stop_offsets=src.stop_offsets,
+            start_timestamp_ms=src.start_timestamp_ms,
+            stop_timestamp_ms=src.stop_timestamp_ms, bounded=True,
+            consumer_config=src.consumer_config or {})
+        | 'DecodeEvents' >> decode.DecodeEvents(
+            problem, require_label=True, event_format=src.event_format))
+    keyed = decoded.records | 'KeyByValues' >> beam.Map(
+        lambda r: (R.record_key(problem, r.values), r))
+    return {'records': keyed, 'dead_letters': decoded.dead_letters}
 
 
 class ToRecordBatches(beam.PTransform):
@@ -139,16 +266,22 @@ class WriteJson(beam.PTransform):
 
 
 def build_preprocessing(pipeline: beam.Pipeline, problem: Problem,
-                        file_pattern: str, output_dir: str,
+                        source: Union[str, TopicRange], output_dir: str,
                         eval_percent: int = 20,
                         batch_size: int = 1024) -> None:
-  """Adds stage 1 (parse, split, analyze, transform, write) to ``pipeline``."""
+  """Adds stage 1 (parse, split, analyze, transform, write) to ``pipeline``;
+  ``source`` is a CSV file pattern or a topic range."""
   import tensorflow_transform.beam as tft_beam
   from transforms import preprocessing
 
-  split = (pipeline
-           | 'ReadCsv' >> csv_io.ReadCsvRows(problem, file_pattern)
-           | 'ParseAndSplit' >> ParseAndSplit(problem, eval_percent))
+  if isinstance(source, TopicRange):
+    read = pipeline | 'ReadTopicRecords' >> ReadTopicRecords(problem, source)
+    split = dict(read['records'] | 'SplitTrainEval' >> SplitTrainEval(
+        eval_percent), dead_letters=read['dead_letters'])
+  else:
+    split = (pipeline
+             | 'ReadCsv' >> csv_io.ReadCsvRows(problem, source)
+             | 'ParseAndSplit' >> ParseAndSplit(problem, eval_percent))
   _ = (split['dead_letters']
        | 'DumpDeadLetters' >> beam.Map(json.dumps)
        | 'WriteDeadLetters' >> beam.io.WriteToText(
@@ -187,9 +320,10 @@ def build_preprocessing(pipeline: beam.Pipeline, problem: Problem,
         os.path.join(output_dir, 'transform'))
 
 
-def _counter(result, name: str) -> int:
+def _counter(result, name: str,
+             namespace: str = csv_io.METRICS_NAMESPACE) -> int:
   found = result.metrics().query(
-      MetricsFilter().with_namespace(csv_io.METRICS_NAMESPACE).with_name(name))
+      MetricsFilter().with_namespace(namespace).with_name(name))
   return int(sum(c.committed or 0 for c in found['counters']))
 
 
@@ -202,7 +336,6 @@ def train_and_export(problem: Problem, output_dir: str,
     (metrics, the trained in-memory Keras model): the task's eval metrics
     (``models.metrics``), the model version and path, seconds per stage.
   """
-  import dataclasses
   import tensorflow_transform as tft
   from models import export
   from models import model as model_lib
@@ -270,17 +403,24 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
       sys.argv[1:] if argv is None else argv))
   train_options = options.view_as(TrainOptions)
   problem = problem_lib.load(options.view_as(problem_lib.ProblemOptions).problem)
-  train_options.input = train_options.input or problem.data
-  if not train_options.input or not train_options.output_dir:
+  topic = topic_range(options, problem)
+  if topic is not None and train_options.input:
+    raise SystemExit('pipelines.train: --input (files) or --input_topic, '
+                     'not both')
+  train_options.input = train_options.input or (
+      None if topic else problem.data)
+  if not (train_options.input or topic) or not train_options.output_dir:
     raise SystemExit('pipelines.train: --output_dir is required, and --input '
-                     'unless the problem ships its data')
+                     'or --input_topic unless the problem ships its data')
+  source = topic or train_options.input
   output_dir = train_options.output_dir
   started = time.monotonic()
 
   print(f'[train] 1/3 {problem.name} ({problem.task.value}): preprocessing '
-        f'{train_options.input} with tf.Transform', file=sys.stderr, flush=True)
+        f'{topic.describe() if topic else source} with tf.Transform',
+        file=sys.stderr, flush=True)
   pipeline = beam.Pipeline(options=options)
-  build_preprocessing(pipeline, problem, train_options.input, output_dir,
+  build_preprocessing(pipeline, problem, source, output_dir,
                       train_options.eval_percent, train_options.batch_size)
   result = pipeline.run()
   result.wait_until_finish()
@@ -291,8 +431,13 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
           file=sys.stderr, flush=True)
     return {'dry_run': True}
   preprocess_seconds = time.monotonic() - started
-  n_valid = _counter(result, 'rows_valid')
-  n_invalid = _counter(result, 'rows_invalid')
+  if topic is None:
+    n_valid = _counter(result, 'rows_valid')
+    n_invalid = _counter(result, 'rows_invalid')
+  else:
+    n_valid = _counter(result, 'events_decoded', decode.METRICS_NAMESPACE)
+    n_invalid = _counter(result, 'events_dead_lettered',
+                         decode.METRICS_NAMESPACE)
 
   print('[train] 2/3 training the Keras model', file=sys.stderr, flush=True)
   import tensorflow as tf

@@ -85,11 +85,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parser.parse_args(argv)
 
   problem = problem_lib.load(args.problem)
-  bootstrap = args.bootstrap_servers or replay.default_bootstrap_servers()
-  if not bootstrap:
-    print('tools.models: no broker: pass --bootstrap_servers, set '
-          'KAFKA_BOOTSTRAP_SERVERS or run `make kafka-up`', file=sys.stderr)
-    return 2
+  bootstrap = replay.bootstrap_or_exit(args.bootstrap_servers, 'tools.models')
   topic = args.model_topic or problem.topic('models')
   try:
     if args.command == 'gate':

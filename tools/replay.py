@@ -223,6 +223,17 @@ def _wait_for_acks(producer: Any, acked: list, total: int, give_up_s: float,
       progress.flush()
 
 
+def bootstrap_or_exit(flag: Optional[str], prog: str) -> str:
+  """The broker of a tool: its flag, else the default; exits (status 2)
+  with what to do when there is none."""
+  bootstrap = flag or default_bootstrap_servers()
+  if not bootstrap:
+    print(f'{prog}: no broker: pass --bootstrap_servers, set '
+          'KAFKA_BOOTSTRAP_SERVERS or run `make kafka-up`', file=sys.stderr)
+    raise SystemExit(2)
+  return bootstrap
+
+
 def default_bootstrap_servers() -> Optional[str]:
   """$KAFKA_BOOTSTRAP_SERVERS, else the broker started by ``make kafka-up``."""
   if os.environ.get('KAFKA_BOOTSTRAP_SERVERS'):
@@ -259,11 +270,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parse_args(argv)
-  bootstrap = args.bootstrap_servers or default_bootstrap_servers()
-  if not bootstrap:
-    print('tools.replay: no broker: pass --bootstrap_servers, set '
-          'KAFKA_BOOTSTRAP_SERVERS or run `make kafka-up`', file=sys.stderr)
-    return 2
+  bootstrap = bootstrap_or_exit(args.bootstrap_servers, 'tools.replay')
   from runners import kafka
   problem = problem_lib.load(args.problem)
   topic = args.topic or problem.topic('events')

@@ -372,7 +372,7 @@ def is_finite_number(value: Any) -> bool:
 
 # ------------------------------------------------------------------ loading
 
-SHIPPED = ('taxi', 'houses', 'exasens')
+SHIPPED = ('taxi', 'houses', 'exasens', 'hcopd')
 DEFAULT = 'taxi'
 
 
