@@ -28,6 +28,7 @@ Prints one JSON document.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -61,6 +62,9 @@ def main():
   parser.add_argument('--runner', default='prism')
   parser.add_argument('--rate', type=float, default=10.0)
   parser.add_argument('--epochs', type=int, default=None)
+  parser.add_argument('--serve_args', default='',
+                      help='More pipelines.serve flags, one string (e.g. '
+                      '--end_bundle_when_caught_up).')
   args = parser.parse_args()
 
   from models import serving
@@ -101,7 +105,9 @@ def main():
         if args.epochs:
           message['epochs'] = args.epochs
         datasource.send_control(bootstrap, t['control'], message)
-        return controller.run(600, 1)[0]
+        # Keras prints its epochs on stdout: this program's stdout is JSON.
+        with contextlib.redirect_stdout(sys.stderr):
+          return controller.run(600, 1)[0]
 
       _log('deployment 1 (before the serving job starts)')
       first = deploy('hcopd-1')
@@ -113,7 +119,7 @@ def main():
           '--input_format', 'avro', '--output_topic', t['predictions'],
           '--dead_letter_topic', t['dlq'], '--model_topic', t['models'],
           '--model_events_topic', t['model-events'],
-          '--group_id', f'serve-{suffix}'])
+          '--group_id', f'serve-{suffix}', *args.serve_args.split()])
       events = TopicReader(bootstrap, t['model-events'])
       predictions = TopicReader(bootstrap, t['predictions'])
       try:
@@ -180,7 +186,8 @@ def main():
   print(json.dumps({
       'machine': {'cpus': os.cpu_count(), 'python': platform.python_version(),
                   'platform': platform.platform()},
-      'runner': args.runner, 'rate': args.rate, 'results': out,
+      'runner': args.runner, 'rate': args.rate,
+      'serve_args': args.serve_args, 'results': out,
       'kafka_ml_published': KAFKA_ML}, indent=2))
 
 

@@ -12,7 +12,8 @@ them)::
     {"deployment_id": "hcopd-1", "problem": "hcopd", "topic": "hcopd-data",
      "input_format": "avro", "input_config": {"avro_schema": {...}},
      "validation_rate": 0.2, "total_msg": 239, "ranges": {"0": [0, 239]},
-     "publish_state": "live", "model_name": "hcopd", "epochs": 40}
+     "publish_state": "live", "model_name": "hcopd", "epochs": 40,
+     "runner": "prism"}
 
 (``from_time_ms``/``to_time_ms`` instead of ``ranges``: the records the
 broker appended in that time.)
@@ -98,6 +99,10 @@ def check(message: Any) -> dict[str, Any]:
     if value is not None and (isinstance(value, bool)
                               or not isinstance(value, int)):
       raise InvalidControl(f'{name} {value!r} is not epoch milliseconds')
+  if message.get('runner') not in (None, 'direct', 'prism', 'flink',
+                                   'dataflow'):
+    raise InvalidControl(f"runner {message.get('runner')!r} is not direct, "
+                         'prism, flink or dataflow')
   if message.get('publish_state', registry.CANDIDATE) not in (
       registry.CANDIDATE, registry.LIVE):
     raise InvalidControl('publish_state is candidate or live')
@@ -139,7 +144,11 @@ def train_argv(message: Mapping[str, Any], problem_spec: str,
     argv += ['--model_name', message['model_name']]
   if message.get('epochs'):
     argv += ['--epochs', str(int(message['epochs']))]
-  return argv + list(extra)
+  argv += list(extra)
+  # A runner the message names wins over the controller's flags.
+  if message.get('runner'):
+    argv += ['--runner', str(message['runner'])]
+  return argv
 
 
 def read_results(bootstrap: str, topic: str,

@@ -39,7 +39,7 @@ from transforms.problem import Task
 pytestmark = pytest.mark.integration
 
 # problem -> training epochs: enough to be a real model, quick.
-SHIPPED = {'taxi': 1, 'houses': 3, 'exasens': 5}
+SHIPPED = {'taxi': 1, 'houses': 3, 'exasens': 5, 'hcopd': 20}
 EVENTS = 150
 
 

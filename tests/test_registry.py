@@ -218,3 +218,4 @@ def test_pair_book_pairs_only_labelled_events_answered_by_both():
   assert book.counts() == {('taxi@1', 'taxi@2'): 1}
   book.add_feedback({'event_id': 'b', 'label': 1, 'label_time_ms': 5})
   assert book.triples('taxi@1', 'taxi@2') == [(0, 0.3, 0.2), (1, 0.6, 0.9)]
+
