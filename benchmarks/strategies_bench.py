@@ -22,6 +22,7 @@ Prints one JSON document.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -87,7 +88,9 @@ def main():
       if model_root is None:
         from pipelines import train
         serve_bench._log('training a model')
-        train.run(['--input', 'data/taxi_trips.csv', '--output_dir', tmp])
+        # Keras prints its epochs on stdout: this program's stdout is JSON.
+        with contextlib.redirect_stdout(sys.stderr):
+          train.run(['--input', 'data/taxi_trips.csv', '--output_dir', tmp])
         model_root = os.path.join(tmp, 'model')
       topic = _registry(bootstrap, model_root, tmp)
       for name in args.plans.split(','):

@@ -388,8 +388,10 @@ def _json_bytes(value: Any) -> Optional[bytes]:
 
 
 def ensure_topic(bootstrap: str, topic: str,
-                 client_config: Optional[Mapping[str, Any]] = None) -> None:
-  """Creates the registry topic (one partition, compacted) if missing."""
+                 client_config: Optional[Mapping[str, Any]] = None,
+                 compact: bool = True) -> None:
+  """Creates the topic (one partition; compacted, as the registry) if
+  missing."""
   from kafka.admin import KafkaAdminClient, NewTopic
   from kafka.errors import TopicAlreadyExistsError
   from transforms.kafka_io import clients
@@ -397,7 +399,7 @@ def ensure_topic(bootstrap: str, topic: str,
                            **clients.resolve_secrets(client_config or {}))
   try:
     admin.create_topics([NewTopic(topic, 1, 1, topic_configs={
-        'cleanup.policy': 'compact'})])
+        'cleanup.policy': 'compact'} if compact else {})])
   except TopicAlreadyExistsError:
     pass
   finally:

@@ -241,6 +241,10 @@ class Controller:
         self._alerts.position(tp)
     for topic in (results_topic, model_topic):
       registry.ensure_topic(bootstrap, topic, self.consumer_config)
+    # A consumer of a topic not there yet would see it only at its next
+    # metadata refresh (minutes): make it now.
+    registry.ensure_topic(bootstrap, control_topic, self.consumer_config,
+                          compact=False)
     self.results = read_results(bootstrap, results_topic,
                                 self.consumer_config)
 
@@ -292,13 +296,14 @@ class Controller:
     deployment = message['deployment_id']
     self._result(deployment, {'deployment_id': deployment, 'status': STARTED,
                               'control_offset': offset, 'resumed': resumed})
-    # One directory per model: its versions follow each other (1, 2...).
     problem_spec = message.get('problem') or self.problem
-    problem = problem_lib.load(problem_spec)
-    name = message.get('model_name') or problem.name
-    output_dir = os.path.join(self.output_root, name)
+    output_dir = None
     started = time.monotonic()
     try:
+      problem = problem_lib.load(problem_spec)
+      name = message.get('model_name') or problem.name
+      # One directory per model: its versions follow each other (1, 2...).
+      output_dir = os.path.join(self.output_root, name)
       metrics = train.run(train_argv(
           message, problem_spec, self.bootstrap,
           None if validate else self.model_topic, output_dir,
@@ -321,7 +326,7 @@ class Controller:
         else DONE,
         'control_offset': offset, 'resumed': resumed,
         'model': (metrics.get('published') or {}).get('model'),
-        'state': message.get('publish_state', registry.CANDIDATE),
+        'state': (metrics.get('published') or {}).get('state'),
         'metrics': {k: v for k, v in metrics.items()
                     if isinstance(v, (int, float)) and not isinstance(v, bool)},
         'n_dead_letters': metrics.get('n_dead_letters'),

@@ -443,21 +443,37 @@ class Predict(beam.PTransform):
     }
 
 
-def check_registry(problem: Problem, spec: serving.RegistrySpec) -> None:
-  """Exits with a reason when the registry names no model the plan serves."""
-  try:
-    state = registry.read(spec.bootstrap_servers, spec.topic, problem.name,
-                          spec.consumer_config)
-    plan = state.plan or spec.plan
-    plan.check(problem.task.value)
-  except (registry.InvalidMessage, TimeoutError) as e:
-    raise SystemExit(f'pipelines.serve: {e}') from e
-  if not any(state.resolve(ref) for ref in plan.models):
+def check_registry(problem: Problem, spec: serving.RegistrySpec,
+                   wait_s: float = 600.0) -> None:
+  """Waits (with a line every 10 s) until the registry names a model the
+  plan serves: a job may be deployed before its first model is trained.
+  Exits with a reason after ``wait_s``, or at once on a bad plan."""
+  deadline = time.monotonic() + wait_s
+  last_line = 0.0
+  registry.ensure_topic(spec.bootstrap_servers, spec.topic,
+                        spec.consumer_config)
+  while True:
+    try:
+      state = registry.read(spec.bootstrap_servers, spec.topic, problem.name,
+                            spec.consumer_config)
+      plan = state.plan or spec.plan
+      plan.check(problem.task.value)
+    except (registry.InvalidMessage, TimeoutError) as e:
+      raise SystemExit(f'pipelines.serve: {e}') from e
+    if any(state.resolve(ref) for ref in plan.models):
+      return
     known = ', '.join(f'{d.ref} ({d.state})' for d in state.descriptors())
-    raise SystemExit(
-        f'pipelines.serve: no model of the plan {list(plan.models)} is in '
-        f'the registry {spec.topic!r} (it has: {known or "nothing"}); '
-        'publish one first: python -m tools.models publish')
+    if time.monotonic() > deadline:
+      raise SystemExit(
+          f'pipelines.serve: no model of the plan {list(plan.models)} is in '
+          f'the registry {spec.topic!r} (it has: {known or "nothing"}); '
+          'publish one first: python -m tools.models publish')
+    if time.monotonic() - last_line > 10:
+      last_line = time.monotonic()
+      print(f'[serve] waiting for a model of the plan {list(plan.models)} '
+            f'on {spec.topic!r} (it has: {known or "nothing"})',
+            file=sys.stderr, flush=True)
+    time.sleep(2)
 
 
 def model_name(problem: Problem, opts: PipelineOptions) -> str:
