@@ -32,6 +32,7 @@ is given.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -316,7 +317,9 @@ def main():
       if model_root is None:
         from pipelines import train
         _log('training a model')
-        train.run(['--input', 'data/taxi_trips.csv', '--output_dir', tmp])
+        # Keras prints its epochs on stdout: this program's stdout is JSON.
+        with contextlib.redirect_stdout(sys.stderr):
+          train.run(['--input', 'data/taxi_trips.csv', '--output_dir', tmp])
         model_root = os.path.join(tmp, 'model')
       results = {'baseline': _bench('baseline', bootstrap, model_root, args)}
       model_rows = _model_alone(model_root)
