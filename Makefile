@@ -87,6 +87,8 @@ bench: install prism
 	$(PY) benchmarks/kafka_io_bench.py
 	$(PY) benchmarks/serve_bench.py
 	$(PY) benchmarks/runners_bench.py
+	$(PY) benchmarks/strategies_bench.py
+	$(PY) benchmarks/kafkaml_bench.py --serve_args=--end_bundle_when_caught_up
 
 # Dataflow: the job graph offline (no credentials), then the flex template.
 dataflow-dry-run: install

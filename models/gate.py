@@ -115,10 +115,15 @@ def judge(problem: Problem, rule: PromotionRule, live: str, shadow: str,
 
 
 class PairBook:
-  """Labelled live and shadow answers to the same events."""
+  """Labelled live and shadow answers to the same events.
 
-  def __init__(self, problem: Problem):
+  Bounded: past ``max_events`` event ids the oldest answers and labels are
+  forgotten (a gate that follows a topic for months keeps its memory).
+  """
+
+  def __init__(self, problem: Problem, max_events: int = 1_000_000):
     self._problem = problem
+    self._max = max_events
     self._live: dict[str, tuple[str, Any]] = {}  # event id -> (ref, output)
     self._shadow: dict[str, dict[str, Any]] = {}  # id -> {shadow ref: out}
     self._labels: dict[str, Any] = {}
@@ -149,7 +154,16 @@ class PairBook:
     if label is not None:
       self._labels[event_id] = label
 
+  def _forget_oldest(self) -> None:
+    for book in (self._live, self._shadow, self._labels):
+      while len(book) > self._max:
+        old = next(iter(book))
+        del book[old]
+        for ids in self._pairs.values():
+          ids.discard(old)
+
   def _pair(self, event_id: str) -> None:
+    self._forget_oldest()
     if event_id not in self._labels or event_id not in self._live:
       return
     live = self._live[event_id][0]

@@ -219,3 +219,14 @@ def test_pair_book_pairs_only_labelled_events_answered_by_both():
   book.add_feedback({'event_id': 'b', 'label': 1, 'label_time_ms': 5})
   assert book.triples('taxi@1', 'taxi@2') == [(0, 0.3, 0.2), (1, 0.6, 0.9)]
 
+
+
+def test_pair_book_forgets_the_oldest_events_past_its_bound():
+  book = gate.PairBook(TAXI, max_events=3)
+  for i in range(5):
+    event = {'event_id': f'e{i}', 'model': 'taxi', 'probability': 0.5,
+             'label': i % 2}
+    book.add_prediction(dict(event, model_version=1))
+    book.add_shadow(dict(event, model_version=2))
+  assert book.counts() == {('taxi@1', 'taxi@2'): 3}
+  assert [t[0] for t in book.triples('taxi@1', 'taxi@2')] == [0, 1, 0]
