@@ -88,6 +88,7 @@ from models import strategies
 from runners import jobs
 from runners import options as runner_options
 from transforms import decode
+from transforms import enrichment
 from transforms import formats
 from transforms import kafka_io
 from transforms import monitoring
@@ -165,7 +166,8 @@ class EventContext(NamedTuple):
   """What a prediction needs to know about its event besides the features.
 
   ``key`` and ``value`` are the original bytes, for a dead letter should a
-  later stage fail on the event.
+  later stage fail on the event; ``references`` the version of each
+  reference table joined into it.
   """
   event_id: str
   topic: str
@@ -175,6 +177,7 @@ class EventContext(NamedTuple):
   ingest_ms: int
   key: Optional[bytes] = None
   value: Optional[bytes] = None
+  references: Optional[dict] = None
 
   def dead_letter(self, reason: str, stage: str) -> tuple[str, dict]:
     """(event id, dead letter) of this event."""
@@ -230,6 +233,7 @@ def answer_record(problem: Problem, context: EventContext, record: Record,
       'model_version': int(version),
       **extra,
       'label': R.label_value(problem, record),
+      **({'references': context.references} if context.references else {}),
       'source': {'topic': context.topic, 'partition': context.partition,
                  'offset': context.offset,
                  'timestamp_ms': context.timestamp_ms},
@@ -541,8 +545,21 @@ def build(pipeline: beam.Pipeline, opts: ServeOptions,
           problem, with_source=True, event_format=event_format))
   stats_path = opts.view_as(monitoring.MonitorOptions).training_stats
   spec = registry_spec(problem, opts)
-  scored = (events.records
-            | 'AttachContext' >> beam.Map(attach_context)
+  contexts = events.records | 'AttachContext' >> beam.Map(attach_context)
+  unjoined = None
+  if problem.references:
+    flags = opts.view_as(enrichment.EnrichmentOptions)
+    joined = contexts | 'Enrich' >> beam.ParDo(enrichment.Enrich(
+        problem, enrichment.sources(problem, flags.reference),
+        _enrichment_dead_letter, record_of=lambda e: e[1],
+        with_record=lambda e, record, versions: (
+            e[0]._replace(references=versions), record),
+        bootstrap=bootstrap, max_keys=flags.reference_max_keys,
+        consumer_config=kafka.consumer_config)).with_outputs(
+            enrichment.Enrich.DEAD_LETTERS, main='records')
+    contexts = joined.records
+    unjoined = joined[enrichment.Enrich.DEAD_LETTERS]
+  scored = (contexts
             | 'Predict' >> Predict(
                 problem, opts.model_dir, opts.model_poll_secs, opts.min_batch_size,
                 opts.max_batch_size, opts.max_batch_duration_secs,
@@ -557,6 +574,8 @@ def build(pipeline: beam.Pipeline, opts: ServeOptions,
       lambda d: (f"{d['topic']}-{d['partition']}-{d['offset']}", d))
   failures = {'Decode': decode_failures, 'Predict': scored['failures'][0],
               'Batch': scored['failures'][1]}
+  if unjoined is not None:
+    failures['Enrich'] = unjoined
   if exactly_once:
     # Every stream has its own writer, fused with the read (no Flatten: it
     # ends the fused stage on Prism); the writers of a bundle share one
@@ -685,6 +704,15 @@ def _row_key(row: dict[str, Any]) -> str:
   what = row.get('feature') or row.get('metric') or row.get('stage') or (
       row.get('type'))
   return f"{row.get('model_key', '')}/{what}@{row.get('window_start_s', '')}"
+
+
+def _enrichment_dead_letter(element: tuple[EventContext, Record],
+                            errors: list[dict]) -> tuple[str, dict]:
+  """An event whose reference join failed, as a dead letter (before any
+  batching: it keeps its event's timestamp)."""
+  context, _ = element
+  return context.dead_letter('; '.join(e['reason'] for e in errors),
+                             'Enrich')
 
 
 def _prediction_output(kv: tuple[str, dict], topic: str) -> kafka_io.Output:

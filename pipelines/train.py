@@ -68,6 +68,7 @@ from runners import options as runner_options
 from transforms import columns
 from transforms import csv_io
 from transforms import decode
+from transforms import enrichment
 from transforms import formats
 from transforms import kafka_io
 from transforms import problem as problem_lib
@@ -265,12 +266,36 @@ class WriteJson(beam.PTransform):
                 self._path, shard_name_template='', num_shards=1))
 
 
+def _enrichment_dead_letter(record, errors):
+  return {'source': record.event_id, 'row': record.values, 'errors': errors,
+          'stage': 'Enrich'}
+
+
+def _enriched(problem: Problem, split: dict, sources: dict) -> dict:
+  """Train and eval records with their reference fields joined
+  (``transforms.enrichment``, the join serving does), dead letters added."""
+  out = {}
+  letters = [split['dead_letters']]
+  for name in ('train', 'eval'):
+    joined = split[name] | f'Enrich{name.capitalize()}' >> beam.ParDo(
+        enrichment.Enrich(problem, sources, _enrichment_dead_letter)
+    ).with_outputs(enrichment.Enrich.DEAD_LETTERS, main='records')
+    out[name] = joined.records
+    letters.append(joined[enrichment.Enrich.DEAD_LETTERS]
+                   | f'Jsonable{name.capitalize()}Letters' >> beam.Map(
+                       lambda d: json.loads(json.dumps(d, default=str))))
+  out['dead_letters'] = tuple(letters) | 'MergeDeadLetters' >> beam.Flatten()
+  return out
+
+
 def build_preprocessing(pipeline: beam.Pipeline, problem: Problem,
                         source: Union[str, TopicRange], output_dir: str,
                         eval_percent: int = 20,
-                        batch_size: int = 1024) -> None:
-  """Adds stage 1 (parse, split, analyze, transform, write) to ``pipeline``;
-  ``source`` is a CSV file pattern or a topic range."""
+                        batch_size: int = 1024,
+                        references: Optional[dict] = None) -> None:
+  """Adds stage 1 (parse, [join references,] split, analyze, transform,
+  write) to ``pipeline``; ``source`` is a CSV file pattern or a topic range;
+  ``references``: reference table -> source (``enrichment.sources``)."""
   import tensorflow_transform.beam as tft_beam
   from transforms import preprocessing
 
@@ -282,6 +307,8 @@ def build_preprocessing(pipeline: beam.Pipeline, problem: Problem,
     split = (pipeline
              | 'ReadCsv' >> csv_io.ReadCsvRows(problem, source)
              | 'ParseAndSplit' >> ParseAndSplit(problem, eval_percent))
+  if problem.references:
+    split = _enriched(problem, split, references or {})
   _ = (split['dead_letters']
        | 'DumpDeadLetters' >> beam.Map(json.dumps)
        | 'WriteDeadLetters' >> beam.io.WriteToText(
@@ -420,8 +447,12 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         f'{topic.describe() if topic else source} with tf.Transform',
         file=sys.stderr, flush=True)
   pipeline = beam.Pipeline(options=options)
+  references = enrichment.sources(
+      problem, options.view_as(enrichment.EnrichmentOptions).reference
+  ) if problem.references else None
   build_preprocessing(pipeline, problem, source, output_dir,
-                      train_options.eval_percent, train_options.batch_size)
+                      train_options.eval_percent, train_options.batch_size,
+                      references)
   result = pipeline.run()
   result.wait_until_finish()
   if options.view_as(TestOptions).dry_run:
@@ -438,6 +469,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     n_valid = _counter(result, 'events_decoded', decode.METRICS_NAMESPACE)
     n_invalid = _counter(result, 'events_dead_lettered',
                          decode.METRICS_NAMESPACE)
+  if problem.references:
+    unjoined = _counter(result, 'events_dead_lettered',
+                        enrichment.METRICS_NAMESPACE)
+    n_valid, n_invalid = n_valid - unjoined, n_invalid + unjoined
 
   print('[train] 2/3 training the Keras model', file=sys.stderr, flush=True)
   import tensorflow as tf

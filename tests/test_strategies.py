@@ -82,8 +82,7 @@ class Scenario:
     self.publish_version(1, registry.LIVE)
     for version in (2, 3, 4, 6):
       self.publish_version(version, registry.RETIRED)
-    pool = replay.load_events(TAXI, 'data/taxi_trips.csv', split='eval',
-                              limit=1400)
+    pool = replay.load_events(TAXI, 'data/taxi_trips.csv', split='eval')
     self._pool = iter(pool)
     self.by_id = dict(pool)
     self.result = serve.start([
@@ -273,18 +272,33 @@ def on_prism(kafka_bootstrap, model_root):
     s.serving({'taxi@2': 'taxi@2', 'taxi@6': 'taxi@6', 'taxi@1': 'taxi@1'})
     s.answered(s.send('confidence', 60))
 
-    # Promote and roll back while events flow (25/s).
+    # Promote and roll back while events flow (25/s), until every
+    # partition has been answered by version 4 and then by version 1 again.
     s.plan(None)
     s.serving({'taxi': 'taxi@1'})
-    flow = threading.Thread(target=s.send, args=('rollout', 300, 25))
-    flow.start()
-    versions = lambda items: {p['model_version'] for p in items}
-    before = len(s.predictions.items)
-    s.predictions.until(10**9, 60, lambda items: len(items) >= before + 30)
-    s.promote(4)
-    s.predictions.until(10**9, 60, lambda items: 4 in versions(items))
-    s.rollback()
-    flow.join()
+    stop, sent = threading.Event(), []
+
+    def flow():
+      while not stop.is_set():
+        batch = s.take(5)
+        replay.replay(TAXI, batch, s.topics['events'], s.bootstrap, rate=25)
+        sent.extend(e for e, _ in batch)
+
+    flow_thread = threading.Thread(target=flow)
+    flow_thread.start()
+    try:
+      s.predictions.until(10**9, 60, lambda items: len(
+          _rollout(items, sent)) >= 30)
+      s.promote(4)
+      s.predictions.until(10**9, 120, lambda items: _switched(
+          _rollout(items, sent), [1, 4]))
+      s.rollback()
+      s.predictions.until(10**9, 120, lambda items: _switched(
+          _rollout(items, sent), [1, 4, 1]))
+    finally:
+      stop.set()
+      flow_thread.join()
+    s.phases['rollout'] = list(sent)
     s.answered(s.phases['rollout'])
 
     # A descriptor whose model cannot load is rejected; version 1 serves.
@@ -335,6 +349,29 @@ def on_prism(kafka_bootstrap, model_root):
     yield s, out
   finally:
     s.close()
+
+
+def _rollout(items, sent):
+  ids = set(sent)
+  return [p for p in items if p['event_id'] in ids]
+
+
+def _versions_by_partition(predictions) -> dict[int, list[int]]:
+  """Per partition, the model versions in offset order, runs collapsed."""
+  out = {}
+  for p in sorted(predictions, key=lambda p: (p['source']['partition'],
+                                              p['source']['offset'])):
+    runs = out.setdefault(p['source']['partition'], [])
+    if not runs or runs[-1] != p['model_version']:
+      runs.append(p['model_version'])
+  return out
+
+
+def _switched(predictions, expected) -> bool:
+  """Both partitions have gone through ``expected`` versions."""
+  by_partition = _versions_by_partition(predictions)
+  return len(by_partition) == 2 and all(
+      runs == expected for runs in by_partition.values())
 
 
 def _agreement_rows(rows, key):
@@ -423,12 +460,8 @@ def test_promote_and_rollback_under_load_lose_nothing(on_prism):
   assert not [d for d in out['dead_letters'] if d.get('key') in set(ids)]
   # In each partition's order: version 1, then 4, then 1 again (a batch is
   # scored by one version; partitions are read side by side).
-  for partition in {p['source']['partition'] for p in got.values()}:
-    runs = [p['model_version'] for p in sorted(
-        (p for p in got.values() if p['source']['partition'] == partition),
-        key=lambda p: p['source']['offset'])]
-    switches = [v for k, v in enumerate(runs) if k == 0 or v != runs[k - 1]]
-    assert switches == [1, 4, 1], (partition, switches)
+  assert _versions_by_partition(got.values()) == {0: [1, 4, 1],
+                                                  1: [1, 4, 1]}
 
 
 def test_a_model_that_cannot_load_leaves_the_live_one_serving(on_prism):

@@ -247,6 +247,34 @@ class CsvFormat:
   skip_initial_space: bool = False
 
 
+class Missing(enum.Enum):
+  """What enrichment does with an event whose key is not in the table."""
+  DEFAULT = 'default'          # the fields keep their declared defaults
+  DEAD_LETTER = 'dead_letter'  # the event is a dead letter, with a reason
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceTable:
+  """Reference data joined into events by key (``transforms.enrichment``).
+
+  Attributes:
+    name: the table's name (``--reference NAME=SOURCE`` picks its source).
+    key: the event field it is keyed by (a feature).
+    fields: the features it fills; declared in the feature table like any
+      raw feature (typed, with a default), so they flow into the transform,
+      the model signature, statistics and drift.
+    source: default source: a CSV or JSON-lines file (local or ``gs://``)
+      with the key column and the fields, or ``topic:NAME``, a compacted
+      topic of upserts (JSON value) and deletes (null value) keyed by key.
+    on_missing: an event whose key has no row: defaults, or a dead letter.
+  """
+  name: str
+  key: str
+  fields: tuple[str, ...]
+  source: Optional[str] = None
+  on_missing: Missing = Missing.DEFAULT
+
+
 @dataclasses.dataclass(frozen=True)
 class Problem:
   """Everything the pipelines need to know about a dataset and its task.
@@ -268,6 +296,8 @@ class Problem:
     hparams: model hyper-parameter overrides (``models.model.HParams`` fields).
     data: the problem's own CSV file, if it ships one (the default input of
       training, the demo and the benchmarks).
+    references: reference tables joined into events before the transform,
+      the same way in training and serving (``transforms.enrichment``).
   """
   name: str
   features: tuple[Feature, ...]
@@ -283,6 +313,7 @@ class Problem:
   hparams: Mapping[str, Any] = dataclasses.field(
       default_factory=dict, hash=False, compare=False)
   data: Optional[str] = None
+  references: tuple[ReferenceTable, ...] = ()
 
   def __post_init__(self):
     names = [f.name for f in self.features]
@@ -316,6 +347,20 @@ class Problem:
         raise ValueError(f'{self.name}: cannot aggregate string {name!r}')
     if not self.model_features:
       raise ValueError(f'{self.name}: no model input feature')
+    filled = [f for t in self.references for f in t.fields]
+    if len(set(filled)) != len(filled):
+      raise ValueError(f'{self.name}: two reference tables fill one field')
+    for table in self.references:
+      if table.key not in by_name:
+        raise ValueError(f'{self.name}: reference {table.name!r} key '
+                         f'{table.key!r} is not a feature')
+      for name in table.fields:
+        f = by_name.get(name)
+        if f is None or f.kind in (Kind.LABEL, Kind.EVENT_TIME) or (
+            f.required) or name == table.key:
+          raise ValueError(f'{self.name}: reference field {name!r} must be '
+                           'a model feature that is not required (it is '
+                           'filled by the join)')
 
   # ----------------------------------------------------------------- views
 
@@ -372,7 +417,7 @@ def is_finite_number(value: Any) -> bool:
 
 # ------------------------------------------------------------------ loading
 
-SHIPPED = ('taxi', 'houses', 'exasens', 'hcopd')
+SHIPPED = ('taxi', 'houses', 'exasens', 'hcopd', 'houses_zip')
 DEFAULT = 'taxi'
 
 

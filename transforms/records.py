@@ -160,6 +160,13 @@ def _coerce(problem: Problem, feature: Feature, value: Any,
   return _check_event_time(problem, integer, feature)
 
 
+def coerce_value(problem: Problem, feature: Feature, value: Any,
+                 from_text: bool) -> Any:
+  """One present raw value as the feature's type; raises ValueError(reason)
+  (reference tables use the same rules as events)."""
+  return _coerce(problem, feature, value, from_text)
+
+
 def _check_event_time(problem: Problem, value: Any,
                       feature: Optional[Feature] = None) -> Any:
   if feature is not None and feature.kind is not Kind.EVENT_TIME:
@@ -314,9 +321,12 @@ def record_key(problem: Problem, raw: Mapping[str, Any]) -> str:
   Identical trips get the same key, so they land in the same split and
   duplicates cannot leak from train to eval.
   """
+  # Fields a reference table fills are not the row's own: the same row
+  # splits alike with or without the join.
+  joined = {f for table in problem.references for f in table.fields}
   canonical = json.dumps(
-      [str(raw.get(f.name, '')) for f in problem.features],
-      separators=(',', ':'))
+      [str(raw.get(f.name, '')) for f in problem.features
+       if f.name not in joined], separators=(',', ':'))
   return hashlib.sha1(canonical.encode('utf-8')).hexdigest()[:16]
 
 
