@@ -425,20 +425,11 @@ def publish(bootstrap: str, topic: str,
 
 def _consumer(bootstrap: str, topic: str,
               consumer_config: Optional[Mapping[str, Any]]):
-  from kafka import KafkaConsumer, TopicPartition
   from transforms.kafka_io import clients
-  consumer = KafkaConsumer(bootstrap_servers=bootstrap,
-                           enable_auto_commit=False,
-                           **clients.CLIENT_DEFAULTS,
-                           **clients.resolve_secrets(consumer_config or {}))
-  partitions = consumer.partitions_for_topic(topic)
-  if not partitions:
-    consumer.close()
-    raise InvalidMessage(f'registry topic {topic!r} does not exist')
-  tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-  consumer.assign(tps)
-  consumer.seek_to_beginning(*tps)
-  return consumer, tps
+  try:
+    return clients.from_start(bootstrap, topic, consumer_config)
+  except LookupError:
+    raise InvalidMessage(f'registry topic {topic!r} does not exist') from None
 
 
 def _decode(message) -> tuple[Optional[str], Any]:

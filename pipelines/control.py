@@ -155,15 +155,11 @@ def read_results(bootstrap: str, topic: str,
                  consumer_config: Optional[Mapping[str, Any]] = None
                  ) -> dict[str, dict]:
   """The newest result per key of the results topic."""
-  from kafka import KafkaConsumer, TopicPartition
-  consumer = KafkaConsumer(bootstrap_servers=bootstrap,
-                           enable_auto_commit=False, **clients.CLIENT_DEFAULTS,
-                           **clients.resolve_secrets(consumer_config or {}))
   try:
-    tps = [TopicPartition(topic, p)
-           for p in sorted(consumer.partitions_for_topic(topic) or ())]
-    consumer.assign(tps)
-    consumer.seek_to_beginning(*tps)
+    consumer, tps = clients.from_start(bootstrap, topic, consumer_config)
+  except LookupError:
+    return {}
+  try:
     end = consumer.end_offsets(tps)
     out = {}
     while any(consumer.position(tp) < end[tp] for tp in tps):

@@ -186,23 +186,12 @@ class TopicTable:
 
   @staticmethod
   def _follow(ref, problem, table, bootstrap, topic, max_keys, config):
-    from kafka import KafkaConsumer, TopicPartition
     from transforms.kafka_io import clients
     rows: dict[str, dict] = {}
     skipped = Metrics.counter(METRICS_NAMESPACE, 'reference_records_invalid')
     while ref() is not None:
       try:
-        consumer = KafkaConsumer(bootstrap_servers=bootstrap,
-                                 enable_auto_commit=False,
-                                 **clients.CLIENT_DEFAULTS,
-                                 **clients.resolve_secrets(config))
-        partitions = consumer.partitions_for_topic(topic)
-        if not partitions:
-          consumer.close()
-          raise RuntimeError(f'reference topic {topic!r} does not exist')
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
+        consumer, tps = clients.from_start(bootstrap, topic, config)
         end = consumer.end_offsets(tps)
         break
       except Exception as e:  # pylint: disable=broad-except

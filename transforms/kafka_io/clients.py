@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, Callable, Mapping, Optional, TypeVar
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -90,3 +90,23 @@ def with_retry(connect: Callable[[], T], give_up_s: float, what: str) -> T:
                       what, e, delay)
       time.sleep(delay)
       delay = min(delay * 2, 10.0)
+
+
+def from_start(bootstrap_servers: str, topic: str,
+               consumer_config: Optional[Mapping[str, Any]] = None):
+  """(consumer, partitions): a group-less consumer assigned every partition
+  of ``topic`` at its start, to read a compacted topic whole (the model
+  registry, results, reference tables). Raises LookupError if the topic
+  does not exist."""
+  from kafka import KafkaConsumer, TopicPartition
+  consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers,
+                           enable_auto_commit=False, **CLIENT_DEFAULTS,
+                           **resolve_secrets(consumer_config or {}))
+  partitions = consumer.partitions_for_topic(topic)
+  if not partitions:
+    consumer.close()
+    raise LookupError(f'topic {topic!r} does not exist')
+  tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+  consumer.assign(tps)
+  consumer.seek_to_beginning(*tps)
+  return consumer, tps
