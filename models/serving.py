@@ -633,7 +633,8 @@ class PlanScorer:
   def _budget(self, members, batch) -> list[Served]:
     """Members start together; the most preferred one done within the
     budget answers, else the first one done. A member still busy with an
-    earlier batch is skipped, so a slow one never piles work up."""
+    earlier batch is skipped, so a slow one never piles work up; when all
+    are busy, the first to be free takes the batch."""
     budget_s = self._plan.budget_ms / 1000
     busy = self._pool.busy
     started = time.perf_counter()
@@ -644,9 +645,13 @@ class PlanScorer:
       futures[ref] = busy[ref] = self._pool.executor.submit(
           self._run, model, batch)
     skipped = [self._models[r].ref for r, _ in members if r not in futures]
-    if not futures:  # every member busy: the first one answers when free
-      ref, model = members[0]
-      busy[ref].result()
+    if not futures:
+      # Every member is busy (with batches of other threads too): the
+      # first one to be free answers.
+      running = {busy[ref]: (ref, model) for ref, model in members}
+      done, _ = concurrent.futures.wait(
+          running, return_when=concurrent.futures.FIRST_COMPLETED)
+      ref, model = running[next(iter(done))]
       futures[ref] = busy[ref] = self._pool.executor.submit(
           self._run, model, batch)
     concurrent.futures.wait(futures.values(), timeout=budget_s)
@@ -714,23 +719,16 @@ class RawFeaturesModelHandler(ModelHandler[Record, PredictionResult, Any]):
       serves, newer ones are swapped in as they appear (see module doc).
       Ignored with ``registry``.
     poll_secs: how often to look for a new version.
-    min_batch_size, max_batch_size, max_batch_duration_secs: RunInference
-      batching. In streaming, ``max_batch_duration_secs`` bounds how long an
-      element may wait for its batch to fill, which bounds added latency.
     registry: models and plan from a registry topic instead.
     model_name: the name predictions carry (directory mode); default the
       problem's name.
   """
 
   def __init__(self, problem: Problem, model_root: Optional[str] = None,
-               poll_secs: float = 5.0, min_batch_size: int = 1,
-               max_batch_size: int = 256,
-               max_batch_duration_secs: Optional[float] = None,
+               poll_secs: float = 5.0,
                registry_spec: Optional[RegistrySpec] = None,
                model_name: Optional[str] = None):
-    super().__init__(min_batch_size=min_batch_size,
-                     max_batch_size=max_batch_size,
-                     max_batch_duration_secs=max_batch_duration_secs)
+    super().__init__()
     self._problem = problem
     self._model_root = model_root
     self._poll_secs = poll_secs

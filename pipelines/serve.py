@@ -6,7 +6,10 @@ the Kafka timestamp), parsed and validated by the same ``transforms.records``
 code as training, and scored by Beam RunInference with
 the exported SavedModel, whose signature takes raw features and runs the
 tf.Transform graph inside. One prediction per event goes to the output topic,
-stamped with the model version. Every event the job cannot use, at any stage
+stamped with the model version. The source hands over one poll of a
+partition at a time (at most ``--max_batch_size`` events), and that poll is
+parsed and scored as one batch at once: no event waits for a batch to fill.
+Every event the job cannot use, at any stage
 (decoding, validation, inference, formatting, writing), goes to the
 dead-letter topic with its original bytes and a reason; nothing is dropped
 and no event stops the job.
@@ -68,6 +71,7 @@ timestamp of the prediction record is when it was produced.
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 import sys
 import time
@@ -105,6 +109,9 @@ DEFAULT_GROUP_ID = 'rtml-serve'
 DEFAULT_MAX_OUT_OF_ORDERNESS = 3600.0
 
 
+AUTO = 'auto'  # a flag's default that depends on the runner
+
+
 class ServeOptions(PipelineOptions):
 
   @classmethod
@@ -123,29 +130,30 @@ class ServeOptions(PipelineOptions):
                         'version of --model_name.')
     parser.add_argument('--model_poll_secs', type=float, default=5.0,
                         help='How often to look for a new model version.')
-    parser.add_argument('--min_batch_size', type=int, default=1)
-    parser.add_argument('--max_batch_size', type=int, default=256)
-    parser.add_argument('--max_batch_duration_secs', type=float, default=None,
-                        help='Longest an event waits for its batch to fill.')
+    parser.add_argument('--max_batch_size', type=int, default=256,
+                        help='Most events one model call scores: the source '
+                        'hands over what one poll of a partition returned, '
+                        'up to this many, and RunInference scores it at '
+                        'once (no waiting for a batch to fill).')
     parser.add_argument('--bundle_secs', type=float, default=1.0,
                         help='How long the Kafka source reads before it '
                         'checkpoints. Shorter bundles commit output sooner '
                         'but each costs a scheduling round trip '
                         '(benchmarks/serve_bench.py).')
-    # Off by default for now: a fresh-clone run of the Prism SIGKILL test
-    # failed with it on because the test's reader waited for the output to
-    # pause (fixed in tests/topics.py, not yet confirmed by CI); on Flink
-    # (2.62 job server) that test saw all 600 predictions before its kill,
-    # likely the same reader bug; exactly-once pays a transaction per bundle.
+    # Default ('auto'): on with at-least-once, except on Flink, whose job
+    # server runs a checkpointed read's residual only after its own bundle
+    # (--max_bundle_time_mills, set short for streaming by runners.options)
+    # and held predictions back with it on; off with exactly-once, where
+    # each bundle pays a transaction.
     parser.add_argument('--end_bundle_when_caught_up', action='store_true',
-                        default=False,
-                        help='End the read bundle as soon as a partition is '
-                        'read to its end, so the batch in RunInference is '
-                        'scored at once instead of waiting for --bundle_secs '
-                        '(benchmarks/serve_bench.py: p50 510 -> 11 ms at '
-                        '10 events/s on Prism, at-least-once). Off by '
-                        'default for now (README, "Serving latency by '
-                        'rate").')
+                        default=AUTO,
+                        help='End a partition\'s read as soon as it has '
+                        'caught up with the log, so the bundle ends and the '
+                        'next one (another partition, or this one again) '
+                        'starts at once, instead of reading on for '
+                        '--bundle_secs while the other partitions of the '
+                        'bundle wait. Default: on with at-least-once except '
+                        'on Flink (README, "Serving latency by rate").')
     parser.add_argument('--no_end_bundle_when_caught_up', action='store_false',
                         dest='end_bundle_when_caught_up',
                         help='Long bundles (--bundle_secs) always.')
@@ -255,10 +263,10 @@ def at_event_time(problem: Problem, context: EventContext, record: Record,
   """``value`` stamped with its event's time again (as it comes, when that
   time cannot be read).
 
-  RunInference batches events (``BatchElements``), and a batch, so each of
-  its results, carries one timestamp: the end-of-bundle flush stamps it with
-  the minimum timestamp. What is windowed after inference (the monitor, the
-  dead-letter counts) takes its event's own time back.
+  The source emits a poll's events as one batch, and a batch, so each of
+  its results, carries one timestamp: the earliest event time of the poll.
+  What is windowed after inference (the monitor, the dead-letter counts)
+  takes its event's own time back.
   """
   try:
     return beam.window.TimestampedValue(
@@ -380,7 +388,8 @@ class InferenceDeadLetters(beam.DoFn):
 
 
 class Predict(beam.PTransform):
-  """(EventContext, Record) → (event id, prediction dict) and failures.
+  """Lists of (EventContext, Record), each scored as one batch → (event id,
+  prediction dict) per event, and failures.
 
   Args:
     problem: the events' problem (what the model takes and answers).
@@ -394,8 +403,6 @@ class Predict(beam.PTransform):
 
   def __init__(self, problem: Problem, model_root: Optional[str],
                model_poll_secs: float = 5.0,
-               min_batch_size: int = 1, max_batch_size: int = 256,
-               max_batch_duration_secs: Optional[float] = None,
                check_model: bool = True, monitor: bool = False,
                registry_spec: Optional[serving.RegistrySpec] = None,
                model_name: Optional[str] = None, shadows: bool = False):
@@ -409,10 +416,12 @@ class Predict(beam.PTransform):
       else:
         serving.newest_valid_version(problem, model_root)
     self._problem = problem
+    # Elements come batched (one poll each): RunInference skips its own
+    # BatchElements, which would hold a half-full batch until the bundle
+    # ends.
     self._handler = KeyedModelHandler(serving.RawFeaturesModelHandler(
-        problem, model_root, model_poll_secs, min_batch_size, max_batch_size,
-        max_batch_duration_secs, registry_spec=registry_spec,
-        model_name=model_name))
+        problem, model_root, model_poll_secs, registry_spec=registry_spec,
+        model_name=model_name)).with_no_batching()
 
   def expand(self, events):
     results, failures = (
@@ -498,6 +507,15 @@ def registry_spec(problem: Problem, opts: 'ServeOptions'
       dict(kafka.consumer_config), dict(kafka.producer_config))
 
 
+def end_bundle_when_caught_up(opts: ServeOptions, exactly_once: bool) -> bool:
+  """``--end_bundle_when_caught_up``, or its default for the runner and
+  delivery mode (see the flag)."""
+  if opts.end_bundle_when_caught_up != AUTO:
+    return bool(opts.end_bundle_when_caught_up)
+  runner = (opts.view_as(StandardOptions).runner or '').lower()
+  return not exactly_once and 'flink' not in runner
+
+
 def topics(problem: Problem, kafka: kafka_io.KafkaOptions) -> dict[str, str]:
   """The job's topics: the flags, else the problem's."""
   return {'input': kafka.input_topic or problem.topic('events'),
@@ -521,11 +539,11 @@ def build(pipeline: beam.Pipeline, opts: ServeOptions,
   group_id = kafka.group_id or DEFAULT_GROUP_ID
   event_format = formats.EventFormat.from_options(opts, problem)
   exactly_once = kafka.delivery == kafka_io.EXACTLY_ONCE
-  if exactly_once and opts.max_batch_duration_secs:
-    raise SystemExit(
-        'pipelines.serve: --delivery exactly_once needs the read and the '
-        'write in one fused stage; --max_batch_duration_secs batches with '
-        'state (a shuffle). Drop one of them.')
+  # The source emits what one poll of a partition returned (at most
+  # --max_batch_size events) as one element; every step up to RunInference
+  # handles the whole poll, and RunInference scores it as one batch: an
+  # event waits for nothing but its poll, as in a hand-written consumer
+  # loop, and Beam's per-element cost is paid once per poll.
   events = (
       pipeline
       | 'ReadEvents' >> kafka_io.ReadFromKafka(
@@ -537,32 +555,36 @@ def build(pipeline: beam.Pipeline, opts: ServeOptions,
           watermark=kafka_io.policy_from_flags(
               kafka, DEFAULT_MAX_OUT_OF_ORDERNESS),
           checkpoint_interval_s=opts.bundle_secs,
-          end_bundle_when_caught_up=opts.end_bundle_when_caught_up,
+          end_bundle_when_caught_up=end_bundle_when_caught_up(
+              opts, exactly_once),
+          batches=True, max_poll_records=opts.max_batch_size,
           poll_timeout_s=min(1.0, opts.bundle_secs),
           partition_discovery_s=kafka.partition_discovery_s,
           consumer_config=kafka.consumer_config)
       | 'ParseEvents' >> decode.DecodeEvents(
-          problem, with_source=True, event_format=event_format))
+          problem, with_source=True, event_format=event_format,
+          batches=True))
   stats_path = opts.view_as(monitoring.MonitorOptions).training_stats
   spec = registry_spec(problem, opts)
-  contexts = events.records | 'AttachContext' >> beam.Map(attach_context)
+  contexts = events.records | 'AttachContext' >> beam.Map(
+      lambda batch: [attach_context(e) for e in batch])
   unjoined = None
   if problem.references:
     flags = opts.view_as(enrichment.EnrichmentOptions)
     joined = contexts | 'Enrich' >> beam.ParDo(enrichment.Enrich(
         problem, enrichment.sources(problem, flags.reference),
-        _enrichment_dead_letter, record_of=lambda e: e[1],
+        functools.partial(_enrichment_dead_letter, problem),
+        record_of=lambda e: e[1],
         with_record=lambda e, record, versions: (
             e[0]._replace(references=versions), record),
         bootstrap=bootstrap, max_keys=flags.reference_max_keys,
-        consumer_config=kafka.consumer_config)).with_outputs(
+        consumer_config=kafka.consumer_config, batches=True)).with_outputs(
             enrichment.Enrich.DEAD_LETTERS, main='records')
     contexts = joined.records
     unjoined = joined[enrichment.Enrich.DEAD_LETTERS]
   scored = (contexts
             | 'Predict' >> Predict(
-                problem, opts.model_dir, opts.model_poll_secs, opts.min_batch_size,
-                opts.max_batch_size, opts.max_batch_duration_secs,
+                problem, opts.model_dir, opts.model_poll_secs,
                 # A Dataflow --dry_run builds the graph without touching the
                 # (remote) model directory.
                 check_model=not opts.view_as(TestOptions).dry_run,
@@ -706,13 +728,14 @@ def _row_key(row: dict[str, Any]) -> str:
   return f"{row.get('model_key', '')}/{what}@{row.get('window_start_s', '')}"
 
 
-def _enrichment_dead_letter(element: tuple[EventContext, Record],
+def _enrichment_dead_letter(problem: Problem,
+                            element: tuple[EventContext, Record],
                             errors: list[dict]) -> tuple[str, dict]:
-  """An event whose reference join failed, as a dead letter (before any
-  batching: it keeps its event's timestamp)."""
-  context, _ = element
-  return context.dead_letter('; '.join(e['reason'] for e in errors),
-                             'Enrich')
+  """An event whose reference join failed, as a dead letter at its
+  event's time."""
+  context, record = element
+  return at_event_time(problem, context, record, context.dead_letter(
+      '; '.join(e['reason'] for e in errors), 'Enrich'))
 
 
 def _prediction_output(kv: tuple[str, dict], topic: str) -> kafka_io.Output:

@@ -111,12 +111,15 @@ def test_training_and_serving_join_alike():
              'eval': p | 'Eval' >> beam.Create(records[1::2]),
              'dead_letters': p | 'None' >> beam.Create([])}
     trained = train._enriched(HOUSES_ZIP, split, sources)
+    # As serving joins: a poll's events at a time.
+    events = [(serve.EventContext(f'e{i}', 't', 0, i, 0, 0), r)
+              for i, r in enumerate(records)]
     served = (p | 'Events' >> beam.Create(
-        [(serve.EventContext(f'e{i}', 't', 0, i, 0, 0), r)
-         for i, r in enumerate(records)])
+        [events[i:i + 64] for i in range(0, len(events), 64)])
               | 'Enrich' >> beam.ParDo(enrichment.Enrich(
                   HOUSES_ZIP, sources, None, record_of=lambda e: e[1],
-                  with_record=lambda e, r, v: (r, v))))
+                  with_record=lambda e, r, v: (r, v), batches=True))
+              | 'Unbatch' >> beam.FlatMap(lambda batch: batch))
     both = (trained['train'], trained['eval']) | beam.Flatten()
     assert_that(both, equal_to(expected), label='Training')
     assert_that(served | beam.Map(lambda rv: rv[0]), equal_to(expected),

@@ -496,8 +496,12 @@ def test_restart_with_the_same_group_loses_nothing(
   assert sum(keys.values()) - len(events) <= len(events) - sum(committed)
 
 
+@pytest.mark.parametrize('batches', [False, True],
+                         ids=['per-record', 'poll-batches'])
 def test_malformed_records_go_to_the_dead_letter_topic(
-    kafka_bootstrap, kafka_topic, taxi_events):
+    kafka_bootstrap, kafka_topic, taxi_events, batches):
+  """Per record, and as serving reads (one ``KafkaBatch`` per poll): the
+  good records of a poll stay together, each bad one is a dead letter."""
   topic, dlq = kafka_topic(partitions=2), kafka_topic(suffix='dlq')
   good = [(eid.encode(), json.dumps(e).encode()) for eid, e in taxi_events[:20]]
   trip = dict(taxi_events[0][1])
@@ -515,10 +519,13 @@ def test_malformed_records_go_to_the_dead_letter_topic(
 
   with beam.Pipeline(options=direct_options()) as p:
     decoded = (p
-               | 'ReadTrips' >> kafka_io.ReadFromKafka(kafka_bootstrap, topic,
-                                                       bounded=True)
-               | 'DecodeTrips' >> decode.DecodeEvents(TAXI, with_keys=True))
-    assert_that(decoded.records | 'Keys' >> beam.Map(lambda kv: kv[0]),
+               | 'ReadTrips' >> kafka_io.ReadFromKafka(
+                   kafka_bootstrap, topic, bounded=True, batches=batches)
+               | 'DecodeTrips' >> decode.DecodeEvents(TAXI, with_keys=True,
+                                                      batches=batches))
+    records = (decoded.records | 'Unbatch' >> beam.FlatMap(lambda b: b)
+               if batches else decoded.records)
+    assert_that(records | 'Keys' >> beam.Map(lambda kv: kv[0]),
                 equal_to([k.decode() for k, _ in good]))
     _ = decoded.dead_letters | 'WriteDeadLetters' >> kafka_io.WriteDeadLetters(
         kafka_bootstrap, dlq)

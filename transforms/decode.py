@@ -9,7 +9,7 @@ that keeps the original bytes and the reasons.
 from __future__ import annotations
 
 import json
-from typing import Optional
+from typing import Any, Optional
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -17,7 +17,7 @@ from apache_beam.metrics import Metrics
 from transforms import formats
 from transforms import kafka_io
 from transforms import records
-from transforms.kafka_io import KafkaRecord, dead_letter
+from transforms.kafka_io import KafkaBatch, KafkaRecord, dead_letter
 from transforms.problem import Problem, TimeUnit
 
 METRICS_NAMESPACE = kafka_io.METRICS_NAMESPACE
@@ -49,31 +49,56 @@ class _DecodeEventsFn(beam.DoFn):
     self._decoded = Metrics.counter(metrics_namespace, 'events_decoded')
     self._dead = Metrics.counter(metrics_namespace, 'events_dead_lettered')
 
-  def process(self, record: KafkaRecord):
+  def _decode(self, record: KafkaRecord) -> tuple[Any, Optional[list]]:
+    """(the output for a good record, None) or (None, the errors)."""
     try:
       parsed = decode_event(self._problem, record, self._require_label,
                             self._format)
     except records.InvalidRecord as e:
-      errors = e.to_dicts()
+      return None, e.to_dicts()
     except Exception as e:  # pylint: disable=broad-except
       # Nothing may crash the pipeline or vanish: unexpected failures are
       # dead letters too, with the exception as the reason.
-      errors = [{'field': '*', 'value': None,
-                 'reason': f'{type(e).__name__}: {e}'}]
-    else:
+      return None, [{'field': '*', 'value': None,
+                     'reason': f'{type(e).__name__}: {e}'}]
+    if self._with_source:
+      return (record, parsed), None
+    if self._with_keys:
+      key = (record.key.decode('utf-8', errors='replace')
+             if record.key is not None else None)
+      return (key, parsed), None
+    return parsed, None
+
+  def process(self, record: KafkaRecord):
+    good, errors = self._decode(record)
+    if errors is None:
       self._decoded.inc()
-      if self._with_source:
-        yield record, parsed
-      elif self._with_keys:
-        key = (record.key.decode('utf-8', errors='replace')
-               if record.key is not None else None)
-        yield key, parsed
-      else:
-        yield parsed
+      yield good
       return
     self._dead.inc()
     yield beam.pvalue.TaggedOutput(DecodeEvents.DEAD_LETTERS,
                                    dead_letter(record, errors))
+
+
+class _DecodeBatchesFn(_DecodeEventsFn):
+  """A ``KafkaBatch`` -> the list of its good records' outputs (one
+  element, none when all are bad), and a dead letter per bad record at that
+  record's own event time."""
+
+  def process(self, batch: KafkaBatch):
+    good = []
+    for record, seconds in zip(batch.records, batch.event_seconds):
+      output, errors = self._decode(record)
+      if errors is None:
+        good.append(output)
+        continue
+      self._dead.inc()
+      yield beam.pvalue.TaggedOutput(
+          DecodeEvents.DEAD_LETTERS, beam.window.TimestampedValue(
+              dead_letter(record, errors), seconds))
+    if good:
+      self._decoded.inc(len(good))
+      yield good
 
 
 class DecodeEvents(beam.PTransform):
@@ -92,6 +117,8 @@ class DecodeEvents(beam.PTransform):
       predictions), and the original bytes (for a later dead letter).
     event_format: how values are encoded (``transforms.formats``; JSON by
       default).
+    batches: the input is ``KafkaBatch``es (``ReadFromKafka(batches=True)``)
+      and ``records`` holds one list per batch.
 
   Returns (from ``expand``): a tuple with ``.records`` and ``.dead_letters``.
   """
@@ -100,16 +127,19 @@ class DecodeEvents(beam.PTransform):
 
   def __init__(self, problem: Problem, require_label: bool = False,
                with_keys: bool = False, with_source: bool = False,
-               event_format: formats.EventFormat = formats.EventFormat()):
+               event_format: formats.EventFormat = formats.EventFormat(),
+               batches: bool = False):
     super().__init__()
     self._problem = problem
     self._format = event_format
     self._require_label = require_label
     self._with_keys = with_keys
     self._with_source = with_source
+    self._batches = batches
 
   def expand(self, pcoll):
-    return pcoll | 'ParseJson' >> beam.ParDo(_DecodeEventsFn(
+    fn = _DecodeBatchesFn if self._batches else _DecodeEventsFn
+    return pcoll | 'ParseJson' >> beam.ParDo(fn(
         self._problem, self._require_label, self._with_keys, METRICS_NAMESPACE,
         with_source=self._with_source, event_format=self._format)
     ).with_outputs(

@@ -296,14 +296,19 @@ class Enrich(beam.DoFn):
     with_record: ``(element, enriched record, {table: version}) -> output``
       (default: the enriched record).
     bootstrap, max_keys, consumer_config: for topic tables.
+    batches: each element is a list of such elements (one poll's events):
+      the output is the list of those joined (one element, none when all
+      failed), each failure a dead letter.
   """
   DEAD_LETTERS = 'dead_letters'
 
   def __init__(self, problem: Problem, sources_: Mapping[str, str],
                dead_letter, record_of=_record_itself,
                with_record=_replace_record, bootstrap: Optional[str] = None,
-               max_keys: int = 1_000_000, consumer_config=None):
+               max_keys: int = 1_000_000, consumer_config=None,
+               batches: bool = False):
     self._problem = problem
+    self._batches = batches
     self._sources = dict(sources_)
     self._dead_letter = dead_letter
     self._record_of = record_of
@@ -321,13 +326,20 @@ class Enrich(beam.DoFn):
 
   def process(self, element):
     snapshots = self._tables.snapshots()
-    try:
-      enriched = enrich(self._problem, self._record_of(element), snapshots)
-    except R.InvalidRecord as e:
-      self._dead.inc()
-      yield beam.pvalue.TaggedOutput(
-          self.DEAD_LETTERS, self._dead_letter(element, e.to_dicts()))
-      return
-    self._hits.inc()
-    yield self._with_record(element, enriched, {
-        name: s.version for name, s in snapshots.items()})
+    versions = {name: s.version for name, s in snapshots.items()}
+    joined = []
+    for one in (element if self._batches else (element,)):
+      try:
+        enriched = enrich(self._problem, self._record_of(one), snapshots)
+      except R.InvalidRecord as e:
+        self._dead.inc()
+        yield beam.pvalue.TaggedOutput(
+            self.DEAD_LETTERS, self._dead_letter(one, e.to_dicts()))
+        continue
+      self._hits.inc()
+      joined.append(self._with_record(one, enriched, versions))
+    if self._batches:
+      if joined:
+        yield joined
+    else:
+      yield from joined

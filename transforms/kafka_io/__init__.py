@@ -8,7 +8,7 @@ runs unchanged on the DirectRunner, Prism, Flink (portable) and Dataflow.
 Modules (each imports only those above it; none imports the rest of the
 project, ``transforms.decode`` decodes the records):
 
-* ``record``: ``KafkaRecord``, ``METRICS_NAMESPACE``.
+* ``record``: ``KafkaRecord``, ``KafkaBatch``, ``METRICS_NAMESPACE``.
 * ``options``: ``KafkaOptions`` (the shared flags), ``bootstrap_servers``.
 * ``clients``: how clients wait out an unreachable broker.
 * ``event_time``: a record's event time.
@@ -44,7 +44,8 @@ from transforms.kafka_io.options import (AT_LEAST_ONCE, EXACTLY_ONCE,
                                          KafkaOptions, bootstrap_servers)
 from transforms.kafka_io.partitions import UNBOUNDED_STOP, resolve_partitions
 from transforms.kafka_io.reader import ReadFromKafka
-from transforms.kafka_io.record import METRICS_NAMESPACE, KafkaRecord
+from transforms.kafka_io.record import (METRICS_NAMESPACE, KafkaBatch,
+                                       KafkaRecord)
 from transforms.kafka_io.watermarks import (PartitionWatermarkEstimator,
                                             PeerWatermarks, WatermarkPolicy,
                                             policy_from_flags)
@@ -53,7 +54,7 @@ from transforms.kafka_io.writer import (Unwritable, WriteToKafka,
                                         log_unwritable)
 
 __all__ = [
-    'JsonFieldEventTime', 'KafkaRecord',
+    'JsonFieldEventTime', 'KafkaBatch', 'KafkaRecord',
     'PartitionWatermarkEstimator', 'PeerWatermarks', 'ReadFromKafka',
     'Unwritable', 'original_bytes', 'Output', 'WriteTransactionally',
     'log_unwritable',

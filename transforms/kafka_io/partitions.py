@@ -50,6 +50,7 @@ class _ReadConfig:
   give_up_s: float = DEFAULT_GIVE_UP_S
   partition_discovery_s: Optional[float] = None
   end_bundle_when_caught_up: bool = False
+  batches: bool = False
 
   @property
   def watches_partitions(self) -> bool:
@@ -203,17 +204,37 @@ def _peers(config: _ReadConfig) -> PeerWatermarks:
 class _OffsetCommitter:
   """Commits group offsets; one per (brokers, group) per worker process.
 
-  Commits only move forward, so a late finalization callback cannot rewind
-  a partition that a later bundle already committed further.
+  ``commit`` only records the offset: a background thread sends what is
+  pending, all partitions in one request, so no bundle waits for the broker
+  (a synchronous commit at each bundle's start and end was most of an
+  event's latency at 1,000 events/s, ``benchmarks/serve_bench.py``). This
+  keeps at-least-once: an offset is handed over only once the bundle that
+  read the records before it is done, and a commit that is late or lost
+  only means those records are read again after a restart. A failed commit
+  is retried (the newest offset of each partition) after a second, until a
+  newer one replaces it. At most one request goes every ``INTERVAL_S``, so
+  a restart may read up to that much again. Commits only move forward, so a late finalization
+  callback cannot rewind a partition that a later bundle already committed
+  further. ``close`` sends what is pending first.
   """
   _instances: dict[tuple, '_OffsetCommitter'] = {}
   _instances_lock = threading.Lock()
+  RETRY_S = 1.0
+  # At most one commit request per interval (Kafka's own consumer commits
+  # every 5 s by default): a request per short bundle cost broker CPU that
+  # the events needed.
+  INTERVAL_S = 0.5
 
   def __init__(self, config: _ReadConfig):
     self._config = config
     self._consumer = None
     self._committed: dict[tuple[str, int], int] = {}
-    self._lock = threading.Lock()
+    self._pending: dict[tuple[str, int], int] = {}
+    self._failures = 0
+    self._last_error: Optional[BaseException] = None
+    self._lock = threading.Condition()
+    self._send_lock = threading.Lock()  # one request at a time
+    self._thread: Optional[threading.Thread] = None
 
   @classmethod
   def get(cls, config: _ReadConfig) -> '_OffsetCommitter':
@@ -226,41 +247,105 @@ class _OffsetCommitter:
 
   @classmethod
   def close_all(cls) -> None:
-    """Closes idle commit consumers (they reconnect on the next commit)."""
+    """Sends pending commits and closes idle commit consumers (they
+    reconnect on the next commit)."""
     with cls._instances_lock:
       committers = list(cls._instances.values())
     for committer in committers:
       committer.close()
 
   def close(self) -> None:
-    with self._lock:
+    try:
+      self.flush()
+    except Exception:  # pylint: disable=broad-except
+      pass  # pending offsets are kept; the records are read again if lost
+    with self._send_lock:
       if self._consumer is not None:
         self._consumer.close(autocommit=False)
         self._consumer = None
 
   def commit(self, topic: str, partition: int, offset: int) -> bool:
-    """Commits ``offset`` (the next offset to read); False if not newer."""
+    """Hands ``offset`` (the next offset to read) to the sending thread;
+    False if it is not newer than what is committed or pending."""
+    tp = (topic, partition)
+    with self._lock:
+      if max(self._committed.get(tp, -1), self._pending.get(tp, -1)) >= offset:
+        return False
+      self._pending[tp] = offset
+      if self._thread is None or not self._thread.is_alive():
+        self._thread = threading.Thread(
+            target=self._run, daemon=True, name='rtml-offset-committer')
+        self._thread.start()
+      self._lock.notify_all()
+      return True
+
+  def take_failures(self) -> tuple[int, Optional[BaseException]]:
+    """(failed commit requests since the last call, the last error)."""
+    with self._lock:
+      taken = self._failures, self._last_error
+      self._failures, self._last_error = 0, None
+      return taken
+
+  def committed(self, topic: str, partition: int) -> Optional[int]:
+    """The offset last committed for the partition by this process."""
+    with self._lock:
+      return self._committed.get((topic, partition))
+
+  def flush(self) -> None:
+    """Sends what is pending now, on this thread; raises if it fails."""
+    self._send_pending()
+
+  def _run(self) -> None:
+    while True:
+      with self._lock:
+        while not self._pending:
+          self._lock.wait()
+      try:
+        self._send_pending()
+      except Exception:  # pylint: disable=broad-except
+        time.sleep(self.RETRY_S)  # the offsets stay pending
+        continue
+      # What arrives meanwhile goes in the next request: one request per
+      # interval, however short the bundles.
+      time.sleep(self.INTERVAL_S)
+
+  def _send_pending(self) -> None:
     from kafka import TopicPartition
     from kafka.structs import OffsetAndMetadata
-    with self._lock:
-      if self._committed.get((topic, partition), -1) >= offset:
-        return False
-      if self._consumer is None:
-        self._consumer = self._config.consumer(
-            retry=False,  # a failed commit is retried by a later one
-            group_id=self._config.group_id, client_id='rtml-beam-committer')
+    with self._send_lock:
+      with self._lock:
+        batch, self._pending = self._pending, {}
+      if not batch:
+        return
       try:
-        self._consumer.commit({TopicPartition(topic, partition):
-                               OffsetAndMetadata(offset, '', -1)},
-                              timeout_ms=10_000)
-      except Exception:
-        # E.g. the broker is down: start afresh next time (a later commit
-        # carries this offset or a newer one).
-        self._consumer.close(autocommit=False)
-        self._consumer = None
+        if self._consumer is None:
+          self._consumer = self._config.consumer(
+              retry=False,  # a failed commit is retried by the thread
+              group_id=self._config.group_id,
+              client_id='rtml-beam-committer')
+        self._consumer.commit(
+            {TopicPartition(t, p): OffsetAndMetadata(o, '', -1)
+             for (t, p), o in batch.items()}, timeout_ms=10_000)
+      except Exception as e:
+        # E.g. the broker is down: keep the offsets (unless newer ones came)
+        # and start afresh with a new consumer.
+        if self._consumer is not None:
+          try:
+            self._consumer.close(autocommit=False)
+          except Exception:  # pylint: disable=broad-except
+            pass
+          self._consumer = None
+        with self._lock:
+          for tp, offset in batch.items():
+            if self._pending.get(tp, -1) < offset:
+              self._pending[tp] = offset
+          self._failures += 1
+          self._last_error = e
         raise
-      self._committed[(topic, partition)] = offset
-      return True
+      with self._lock:
+        for tp, offset in batch.items():
+          if self._committed.get(tp, -1) < offset:
+            self._committed[tp] = offset
 
 
 class _PartitionOffsetTracker(OffsetRestrictionTracker):

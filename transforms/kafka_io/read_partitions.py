@@ -15,7 +15,7 @@ import functools
 import logging
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import apache_beam as beam
 from apache_beam.io.restriction_trackers import OffsetRange
@@ -24,7 +24,7 @@ from apache_beam.runners.worker.statesampler import get_current_instruction_id
 from apache_beam.transforms.core import (RestrictionProvider,
                                          WatermarkEstimatorProvider)
 from apache_beam.transforms.window import GlobalWindow
-from apache_beam.utils.timestamp import Duration
+from apache_beam.utils.timestamp import Duration, Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms.kafka_io.clients import is_retriable
@@ -34,7 +34,7 @@ from transforms.kafka_io.event_time import (_MAX_EVENT_MS, event_time_fn,
 from transforms.kafka_io.partitions import (UNBOUNDED_STOP, _OffsetCommitter,
                                             _PartitionOffsetTracker, _peers,
                                             _ReadConfig)
-from transforms.kafka_io.record import _new_record
+from transforms.kafka_io.record import KafkaBatch, _new_record
 from transforms.kafka_io.watermarks import PartitionWatermarkEstimator
 
 _LOGGER = logging.getLogger(__name__)
@@ -243,6 +243,19 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider,
         tracker.defer_remainder(Duration.of(config.resume_delay_s))
         return
       watermark.begin_batch()
+      if config.batches:
+        emitted, refused = self._emit_batch(batch, tracker, watermark,
+                                            progress)
+        if emitted is not None:
+          yield emitted
+        if refused:
+          return  # the runner split the restriction: the rest is not ours
+        batch = None
+        if checkpoints and (time.monotonic() >= deadline or (
+            config.end_bundle_when_caught_up and _caught_up(consumer, tp))):
+          tracker.defer_remainder()
+          return
+        continue
       for i, msg in enumerate(batch):
         if msg.offset < progress.next_offset:
           # The consumer reset to an earlier offset (the topic was
@@ -256,11 +269,7 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider,
         if kafka_time and 0 <= msg.timestamp <= _MAX_EVENT_MS:
           seconds = msg.timestamp / 1000.0  # the common case, inlined
         else:
-          seconds = safe_event_seconds(event_time, record)
-          if seconds is None:
-            progress.fallbacks += 1
-            seconds = (msg.timestamp / 1000.0
-                       if 0 <= msg.timestamp <= _MAX_EVENT_MS else time.time())
+          seconds = self._event_seconds(record, progress)
         # A WindowedValue skips the per-element window assignment of a
         # TimestampedValue: the read starts from an Impulse, in the global
         # window.
@@ -281,6 +290,49 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider,
         # batches downstream flush, instead of waiting in the next poll.
         tracker.defer_remainder()
         return
+
+  def _emit_batch(self, batch: list, tracker, watermark,
+                  progress: '_ReadProgress'
+                  ) -> tuple[Optional[WindowedValue], bool]:
+    """(one poll's claimed records as a ``KafkaBatch``, or None; whether
+    the tracker refused a claim), for ``batches=True``. Each record's event
+    time is observed by the watermark; the batch carries the earliest."""
+    event_time = self._event_time
+    kafka_time = event_time is kafka_timestamp
+    records, seconds_of = [], []
+    refused = False
+    for msg in batch:
+      if msg.offset < progress.next_offset:
+        self._resets.inc()
+        continue
+      if not tracker.try_claim(msg.offset):
+        refused = True
+        break
+      record = _new_record((msg.topic, msg.partition, msg.offset, msg.key,
+                            msg.value, msg.timestamp))
+      if kafka_time and 0 <= msg.timestamp <= _MAX_EVENT_MS:
+        seconds = msg.timestamp / 1000.0
+      else:
+        seconds = self._event_seconds(record, progress)
+      watermark.observe_timestamp(Timestamp.of(seconds))
+      records.append(record)
+      seconds_of.append(seconds)
+      progress.next_offset = msg.offset + 1
+    if not records:
+      return None, refused
+    progress.emitted += len(records)
+    return WindowedValue(KafkaBatch(records, seconds_of), min(seconds_of),
+                         _GLOBAL_WINDOWS), refused
+
+  def _event_seconds(self, record, progress: '_ReadProgress') -> float:
+    """A record's event time from ``event_time``; when that cannot be
+    read, its Kafka timestamp (else now), counted as a fallback."""
+    seconds = safe_event_seconds(self._event_time, record)
+    if seconds is None:
+      progress.fallbacks += 1
+      ms = record.timestamp_ms
+      seconds = ms / 1000.0 if 0 <= ms <= _MAX_EVENT_MS else time.time()
+    return seconds
 
   def _on_outage(self, topic: str, partition: int, error: Exception) -> None:
     self._unreachable.inc()
@@ -303,13 +355,14 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider,
 
   def _commit(self, committer: _OffsetCommitter, topic: str, partition: int,
               offset: int) -> None:
-    try:
-      committer.commit(topic, partition, offset)
-    except Exception as e:  # pylint: disable=broad-except
-      # A failed commit loses nothing: those records are read again later.
-      self._commit_failures.inc()
-      _LOGGER.warning('Committing offset %d of %s-%d failed: %s', offset,
-                      topic, partition, e)
+    committer.commit(topic, partition, offset)  # sent by a thread
+    # A failed commit loses nothing: those records are read again later,
+    # and the committer retries with the newest offset.
+    failures, error = committer.take_failures()
+    if failures:
+      self._commit_failures.inc(failures)
+      _LOGGER.warning('%d offset commit(s) to group %s failed (retried): %s',
+                      failures, self._config.group_id, error)
 
 
 def _caught_up(consumer: Any, tp: Any) -> bool:

@@ -54,12 +54,14 @@ from transforms.kafka_io.partitions import _ReadConfig
 from transforms.kafka_io.read_partitions import (
     _CommittingReadPartitionsFn, _CommittingReadUnboundedPartitionsFn,
     _ReadPartitionsFn, _ReadUnboundedPartitionsFn)
-from transforms.kafka_io.record import METRICS_NAMESPACE, KafkaRecord
+from transforms.kafka_io.record import (METRICS_NAMESPACE, KafkaBatch,
+                                       KafkaRecord)
 from transforms.kafka_io.watermarks import WatermarkPolicy
 
 
 class ReadFromKafka(beam.PTransform):
-  """Reads Kafka topics as ``KafkaRecord``s with event-time timestamps.
+  """Reads Kafka topics as ``KafkaRecord``s (or ``KafkaBatch``es) with
+  event-time timestamps.
 
   Args:
     bootstrap_servers: 'host:port[,host:port]'.
@@ -91,7 +93,14 @@ class ReadFromKafka(beam.PTransform):
       what batches per bundle downstream (RunInference, the producer's
       flush) finishes now rather than after ``checkpoint_interval_s``. Low
       latency at low rates; under a backlog bundles stay long.
-    max_poll_records: records per poll.
+    batches: emit one ``KafkaBatch`` per poll and partition (the records
+      one poll returned, each with its event time; the batch's timestamp is
+      the earliest) instead of one ``KafkaRecord`` per record: what follows
+      in the fused stage handles a poll at once, as a hand-written consumer
+      loop does (``pipelines.serve`` feeds them to RunInference unbatched),
+      and nothing waits for the bundle to end to form a batch.
+    max_poll_records: records per poll (with ``batches``, the largest
+      batch).
     consumer_config: extra kafka-python consumer settings (security...).
     decode: optional ``KafkaRecord -> value`` applied to every record.
     give_up_s: how long an unreachable broker is waited out (reconnecting,
@@ -123,6 +132,7 @@ class ReadFromKafka(beam.PTransform):
       resume_delay_s: float = 0.0,
       checkpoint_interval_s: float = 2.0,
       end_bundle_when_caught_up: bool = False,
+      batches: bool = False,
       max_poll_records: int = 1000,
       consumer_config: Optional[Mapping[str, Any]] = None,
       decode: Optional[Callable[[KafkaRecord], Any]] = None,
@@ -157,6 +167,7 @@ class ReadFromKafka(beam.PTransform):
         resume_delay_s=resume_delay_s,
         checkpoint_interval_s=checkpoint_interval_s,
         end_bundle_when_caught_up=end_bundle_when_caught_up,
+        batches=batches,
         max_poll_records=max_poll_records,
         consumer_config=dict(consumer_config or {}),
         metrics_namespace=METRICS_NAMESPACE,
@@ -181,7 +192,9 @@ class ReadFromKafka(beam.PTransform):
             | discover.__name__ >> beam.ParDo(discover(config))
             | 'SpreadPartitions' >> beam.Reshuffle()
             | 'ReadPartitions' >> beam.ParDo(reader).with_output_types(
-                KafkaRecord))
+                KafkaBatch if config.batches else KafkaRecord))
     if self._decode is not None:
+      if config.batches:
+        raise ValueError('ReadFromKafka: decode= needs batches=False')
       read = read | 'DecodeRecords' >> beam.Map(self._decode)
     return read
