@@ -10,6 +10,10 @@ events to the dead letters; nothing is dropped (see ``transforms.windowing``).
 With ``--training_stats``, the same windows also report feature drift against
 the training statistics and emit alerts (``transforms.monitoring``).
 
+A problem's reference tables (``transforms.enrichment``; ``--reference
+NAME=SOURCE``) are joined into each record before any window, as in
+training and serving; an event the join refuses is a dead letter.
+
 Streaming from Kafka (topics ``taxi-events`` -> ``taxi-stats``,
 ``taxi-late``, ``taxi-alerts``, ``taxi-dead-letters`` unless given)::
 
@@ -54,6 +58,7 @@ from runners import jobs
 from runners import options as runner_options
 from transforms import csv_io
 from transforms import decode
+from transforms import enrichment
 from transforms import formats
 from transforms import kafka_io
 from transforms import monitoring
@@ -137,10 +142,19 @@ def read_csv_records(pipeline, problem: Problem, file_pattern: str):
             | 'ReadCsv' >> csv_io.ReadCsvRows(problem, file_pattern)
             | 'ParseRows' >> beam.ParDo(csv_io.ParseRow(problem)).with_outputs(
                 csv_io.ParseRow.DEAD_LETTER, main='records'))
-  records = (parsed.records
+  keyed, dead_letters = parsed.records, [parsed[csv_io.ParseRow.DEAD_LETTER]]
+  if problem.references:
+    joined = keyed | 'Enrich' >> beam.ParDo(enrichment.Enrich(
+        problem, enrichment.sources(problem, _reference_flags(pipeline)),
+        _row_dead_letter, record_of=lambda kv: kv[1],
+        with_record=lambda kv, record, versions: (kv[0], record))
+    ).with_outputs(enrichment.Enrich.DEAD_LETTERS, main='records')
+    keyed = joined.records
+    dead_letters.append(joined[enrichment.Enrich.DEAD_LETTERS])
+  records = (keyed
              | 'DropRowKeys' >> beam.Values()
              | 'AssignEventTime' >> windowing.AssignEventTime(problem))
-  return records, parsed[csv_io.ParseRow.DEAD_LETTER]
+  return records, _merged(dead_letters)
 
 
 def read_kafka_records(pipeline, problem: Problem, opts: AnalyticsOptions):
@@ -161,9 +175,42 @@ def read_kafka_records(pipeline, problem: Problem, opts: AnalyticsOptions):
               kafka, DEFAULT_MAX_OUT_OF_ORDERNESS),
           partition_discovery_s=kafka.partition_discovery_s,
           consumer_config=kafka.consumer_config)
-      | 'DecodeEvents' >> decode.DecodeEvents(problem,
-                                              event_format=event_format))
-  return events.records, events.dead_letters
+      | 'DecodeEvents' >> decode.DecodeEvents(
+          problem, event_format=event_format,
+          with_source=bool(problem.references)))
+  if not problem.references:
+    return events.records, events.dead_letters
+  # The same join as training and serving (transforms.enrichment); an event
+  # it refuses is a dead letter with its original bytes.
+  joined = events.records | 'Enrich' >> beam.ParDo(enrichment.Enrich(
+      problem, enrichment.sources(
+          problem, opts.view_as(enrichment.EnrichmentOptions).reference),
+      lambda e, errors: kafka_io.dead_letter(e[0], errors, stage='Enrich'),
+      record_of=lambda e: e[1],
+      with_record=lambda e, record, versions: record,
+      bootstrap=kafka_io.bootstrap_servers(opts),
+      max_keys=opts.view_as(enrichment.EnrichmentOptions).reference_max_keys,
+      consumer_config=kafka.consumer_config)).with_outputs(
+          enrichment.Enrich.DEAD_LETTERS, main='records')
+  return joined.records, _merged(
+      [events.dead_letters, joined[enrichment.Enrich.DEAD_LETTERS]])
+
+
+def _reference_flags(pipeline) -> list[str]:
+  return pipeline.options.view_as(enrichment.EnrichmentOptions).reference
+
+
+def _row_dead_letter(element, errors: list[dict]) -> dict[str, Any]:
+  """A parsed CSV row the reference join refused (its record key and
+  values; the row's text was parsed away)."""
+  key, record = element
+  return {'source': 'Enrich', 'record_key': key,
+          'values': dict(record.values), 'errors': errors}
+
+
+def _merged(dead_letters: list):
+  return (dead_letters[0] if len(dead_letters) == 1 else
+          tuple(dead_letters) | 'MergeDeadLetters' >> beam.Flatten())
 
 
 def _key_of(row: dict[str, Any]) -> str:

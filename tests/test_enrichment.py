@@ -130,6 +130,44 @@ def test_training_and_serving_join_alike():
                 label='Versions')
 
 
+def test_analytics_joins_as_training_does(tmp_path):
+  """The windowed-analytics job joins the same table: the drift monitor's
+  window sees the joined zip figures, not the defaults."""
+  from pipelines import analytics
+  from tools import report as analytics_report
+  from transforms import stats as S
+  with open('data/houses.csv', encoding='utf-8') as f:
+    lines = [next(f) for _ in range(301)]
+  csv_path = tmp_path / 'houses.csv'
+  csv_path.write_text(''.join(lines))
+  snapshot = {'statezip': enrichment.load_file(
+      HOUSES_ZIP, TABLE, enrichment.sources(HOUSES_ZIP)['statezip'])}
+  expected = []
+  for _, row in R.csv_rows(HOUSES_ZIP, lines):
+    try:
+      expected.append(enrichment.enrich(
+          HOUSES_ZIP, R.parse_csv_row(HOUSES_ZIP, row), snapshot))
+    except R.InvalidRecord:
+      continue
+  assert sum(r.values['zip_count'] > 0 for r in expected) > 200
+  stats_path = tmp_path / 'stats.json'
+  S.write_stats(S.compute_stats(HOUSES_ZIP, expected), str(stats_path))
+  out = tmp_path / 'out'
+  analytics.run(['--problem', 'houses_zip', '--input_csv', str(csv_path),
+                 '--output_path', str(out), '--window', 'fixed',
+                 '--size', str(400 * 24 * 3600),
+                 '--training_stats', str(stats_path)])
+  rows = [r for r in analytics_report.load_rows(str(out), 'drift')
+          if r['feature'] == 'zip_median_price']
+  assert sum(r['count'] for r in rows) == len(expected)
+  # The monitor's mean is over present values: the joined ones.
+  joined = [r.values['zip_median_price'] for r in expected
+            if 'zip_median_price' not in r.missing]
+  assert sum(r['present'] for r in rows) == len(joined) > 200
+  mean = sum(r['mean'] * r['present'] for r in rows) / len(joined)
+  assert mean == pytest.approx(sum(joined) / len(joined), rel=1e-6)
+
+
 def _until(condition, timeout_s=30):
   deadline = time.monotonic() + timeout_s
   while not condition() and time.monotonic() < deadline:
