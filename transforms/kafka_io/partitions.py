@@ -9,6 +9,7 @@ is the ``PeerWatermarks`` of the read's partitions.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
 import threading
@@ -213,9 +214,10 @@ class _OffsetCommitter:
   only means those records are read again after a restart. A failed commit
   is retried (the newest offset of each partition) after a second, until a
   newer one replaces it. At most one request goes every ``INTERVAL_S``, so
-  a restart may read up to that much again. Commits only move forward, so a late finalization
-  callback cannot rewind a partition that a later bundle already committed
-  further. ``close`` sends what is pending first.
+  a restart may read up to that much again. Commits only move forward, so
+  a late finalization callback cannot rewind a partition that a later
+  bundle already committed further. ``close`` (and the process's exit)
+  sends what is pending first.
   """
   _instances: dict[tuple, '_OffsetCommitter'] = {}
   _instances_lock = threading.Lock()
@@ -241,6 +243,8 @@ class _OffsetCommitter:
     key = (config.bootstrap_servers, config.group_id,
            json.dumps(config.consumer_config, sort_keys=True, default=repr))
     with cls._instances_lock:
+      if not cls._instances:
+        atexit.register(cls.close_all)
       if key not in cls._instances:
         cls._instances[key] = cls(config)
       return cls._instances[key]
@@ -285,11 +289,6 @@ class _OffsetCommitter:
       taken = self._failures, self._last_error
       self._failures, self._last_error = 0, None
       return taken
-
-  def committed(self, topic: str, partition: int) -> Optional[int]:
-    """The offset last committed for the partition by this process."""
-    with self._lock:
-      return self._committed.get((topic, partition))
 
   def flush(self) -> None:
     """Sends what is pending now, on this thread; raises if it fails."""
