@@ -153,7 +153,7 @@ class ServeOptions(PipelineOptions):
                         'starts at once, instead of reading on for '
                         '--bundle_secs while the other partitions of the '
                         'bundle wait. Default: on with at-least-once except '
-                        'on Flink (README, "Serving latency by rate").')
+                        'on Flink (README, "Benchmarks").')
     parser.add_argument('--no_end_bundle_when_caught_up', action='store_false',
                         dest='end_bundle_when_caught_up',
                         help='Long bundles (--bundle_secs) always.')
