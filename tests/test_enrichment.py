@@ -26,6 +26,18 @@ STRICT = dataclasses.replace(HOUSES_ZIP, references=(dataclasses.replace(
     TABLE, on_missing=Missing.DEAD_LETTER),))
 
 
+def _strict_problem_file(tmp_path):
+  """STRICT as a problem file, for the jobs' ``--problem``."""
+  strict = tmp_path / 'strict.py'
+  strict.write_text(
+      'import dataclasses\n'
+      'from problems.houses_zip import PROBLEM as Z\n'
+      'from transforms.problem import Missing\n'
+      'PROBLEM = dataclasses.replace(Z, references=(dataclasses.replace('
+      'Z.references[0], on_missing=Missing.DEAD_LETTER),))\n')
+  return strict
+
+
 def _record(zip_code, **values):
   event = {'bedrooms': 3, 'bathrooms': 2, 'sqft_living': 1500,
            'yr_built': 1990, 'city': 'Seattle', 'statezip': zip_code,
@@ -130,12 +142,28 @@ def test_training_and_serving_join_alike():
                 label='Versions')
 
 
+def _zip_drift_of_analytics(tmp_path, training_records, input_args):
+  """Runs the analytics job (one window over everything, drift against the
+  statistics of ``training_records``): (its zip_median_price drift rows,
+  its dead letters)."""
+  from pipelines import analytics
+  from tools import report
+  from transforms import stats as S
+  stats_path = tmp_path / 'stats.json'
+  S.write_stats(S.compute_stats(HOUSES_ZIP, training_records),
+                str(stats_path))
+  out = tmp_path / 'out'
+  analytics.run([*input_args, '--output_path', str(out), '--window', 'fixed',
+                 '--size', str(400 * 24 * 3600),
+                 '--training_stats', str(stats_path)])
+  return ([r for r in report.load_rows(str(out), 'drift')
+           if r['feature'] == 'zip_median_price'],
+          report.load_rows(str(out), 'dead_letters'))
+
+
 def test_analytics_joins_as_training_does(tmp_path):
   """The windowed-analytics job joins the same table: the drift monitor's
   window sees the joined zip figures, not the defaults."""
-  from pipelines import analytics
-  from tools import report as analytics_report
-  from transforms import stats as S
   with open('data/houses.csv', encoding='utf-8') as f:
     lines = [next(f) for _ in range(301)]
   csv_path = tmp_path / 'houses.csv'
@@ -150,15 +178,9 @@ def test_analytics_joins_as_training_does(tmp_path):
     except R.InvalidRecord:
       continue
   assert sum(r.values['zip_count'] > 0 for r in expected) > 200
-  stats_path = tmp_path / 'stats.json'
-  S.write_stats(S.compute_stats(HOUSES_ZIP, expected), str(stats_path))
-  out = tmp_path / 'out'
-  analytics.run(['--problem', 'houses_zip', '--input_csv', str(csv_path),
-                 '--output_path', str(out), '--window', 'fixed',
-                 '--size', str(400 * 24 * 3600),
-                 '--training_stats', str(stats_path)])
-  rows = [r for r in analytics_report.load_rows(str(out), 'drift')
-          if r['feature'] == 'zip_median_price']
+  rows, _ = _zip_drift_of_analytics(
+      tmp_path, expected, ['--problem', 'houses_zip', '--input_csv',
+                           str(csv_path)])
   assert sum(r['count'] for r in rows) == len(expected)
   # The monitor's mean is over present values: the joined ones.
   joined = [r.values['zip_median_price'] for r in expected
@@ -166,6 +188,39 @@ def test_analytics_joins_as_training_does(tmp_path):
   assert sum(r['present'] for r in rows) == len(joined) > 200
   mean = sum(r['mean'] * r['present'] for r in rows) / len(joined)
   assert mean == pytest.approx(sum(joined) / len(joined), rel=1e-6)
+
+
+@pytest.mark.integration
+def test_analytics_from_kafka_joins_and_dead_letters_a_miss(
+    kafka_bootstrap, kafka_topic, tmp_path):
+  """From Kafka (bounded, DirectRunner): joined events reach the windows;
+  under the dead-letter policy an unknown zip is a dead letter with its
+  original bytes and the reason."""
+  from transforms import kafka_io
+  strict = _strict_problem_file(tmp_path)
+  snapshot = {'statezip': enrichment.load_file(
+      HOUSES_ZIP, TABLE, enrichment.sources(HOUSES_ZIP)['statezip'])}
+  known = [(e, v) for e, v in replay.load_events(
+      HOUSES_ZIP, 'data/houses.csv', limit=400)
+           if v.get('statezip') in snapshot['statezip'].rows][:100]
+  unknown = [(f'{e}-u', dict(v, statezip='WA 99999')) for e, v in known[:3]]
+  topic = kafka_topic()
+  payloads = {e: json.dumps(v).encode() for e, v in known + unknown}
+  produce(kafka_bootstrap, topic, [(e.encode(), b) for e, b in
+                                   payloads.items()])
+  enriched = [enrichment.enrich(HOUSES_ZIP, R.parse_json(HOUSES_ZIP, v),
+                                snapshot) for _, v in known]
+  rows, letters = _zip_drift_of_analytics(
+      tmp_path, enriched, ['--problem', str(strict), '--bootstrap_servers',
+                           kafka_bootstrap, '--input_topic', topic,
+                           '--bounded'])
+  assert sum(r['present'] for r in rows) == len(known)
+  assert sorted(d['key'] for d in letters) == sorted(e for e, _ in unknown)
+  for letter in letters:
+    assert kafka_io.original_bytes(letter) == payloads[letter['key']]
+    assert letter['stage'] == 'Enrich'
+    assert "no statezip reference for 'WA 99999'" in (
+        letter['errors'][0]['reason'])
 
 
 def _until(condition, timeout_s=30):
@@ -238,13 +293,7 @@ def test_serving_joins_a_topic_table_that_changes_while_events_flow(
   from models import serving
   from tests.flink_jobs import stopping_job_servers
   from tests.topics import TopicReader
-  strict = tmp_path / 'strict.py'
-  strict.write_text(
-      'import dataclasses\n'
-      'from problems.houses_zip import PROBLEM as Z\n'
-      'from transforms.problem import Missing\n'
-      'PROBLEM = dataclasses.replace(Z, references=(dataclasses.replace('
-      'Z.references[0], on_missing=Missing.DEAD_LETTER),))\n')
+  strict = _strict_problem_file(tmp_path)
   reference = kafka_topic(suffix='zips')
   rows = {}
   import csv
