@@ -69,6 +69,36 @@ def test_a_hit_fills_the_fields_and_a_miss_keeps_the_defaults(tmp_path):
     enrichment.enrich(STRICT, _record('WA 99999'), {'statezip': table})
 
 
+def test_an_as_of_table_gives_the_row_valid_at_the_event_time(tmp_path):
+  """With valid_from, a key's rows are versions in time: the event gets the
+  newest valid at its event time, and none before the first."""
+  as_of = dataclasses.replace(HOUSES_ZIP, references=(dataclasses.replace(
+      TABLE, valid_from='valid_from'),))
+  path = tmp_path / 'zips.csv'
+  path.write_text('statezip,zip_median_price,zip_count,valid_from\n'
+                  'WA 98001,300000,9,2014-06-01 00:00:00\n'
+                  'WA 98001,250000,5,2014-05-01 00:00:00\n')
+  table = enrichment.load_file(as_of, as_of.references[0], str(path))
+  tables = {'statezip': table}
+
+  def price_on(date):
+    return enrichment.enrich(as_of, _record('WA 98001', date=date),
+                             tables).values['zip_median_price']
+  assert price_on('2014-05-15 00:00:00') == 250000.0
+  assert price_on('2014-06-01 00:00:00') == 300000.0  # valid from then on
+  assert price_on('2014-07-01 00:00:00') == 300000.0
+  assert price_on('2014-04-30 00:00:00') == 465000.0  # none yet: default
+  strict = dataclasses.replace(as_of, references=(dataclasses.replace(
+      as_of.references[0], on_missing=Missing.DEAD_LETTER),))
+  with pytest.raises(R.InvalidRecord, match='valid at 2014-04-30T00:00:00Z'):
+    enrichment.enrich(strict, _record('WA 98001', date='2014-04-30 00:00:00'),
+                      tables)
+  path.write_text('statezip,zip_median_price,zip_count,valid_from\n'
+                  'WA 98001,300000,9,yesterday\n')
+  with pytest.raises(ValueError, match=r'zips.csv:2: valid_from'):
+    enrichment.load_file(as_of, as_of.references[0], str(path))
+
+
 def test_json_lines_tables_and_bad_rows(tmp_path):
   table = _table(tmp_path, json.dumps({'statezip': 'WA 98002',
                                        'zip_median_price': 229500,

@@ -19,6 +19,10 @@ Sources (``--reference NAME=SOURCE``, else the table's own ``source``):
   is the offset of the last message applied. The same design on Prism, Flink
   and Dataflow (no triggered side input, which Prism does not support).
 
+As of the event time: a file table whose ``ReferenceTable.valid_from``
+names a column may hold several rows per key; an event gets the newest row
+valid at its event time (``Snapshot.row_at``), in training as in serving.
+
 Memory: a topic table holds at most ``max_keys`` keys. Past that it stops
 following and every event that needs it becomes a dead letter saying so (a
 clear error rather than a silently partial table).
@@ -28,6 +32,7 @@ Every prediction records the version of each table it used.
 
 from __future__ import annotations
 
+import bisect
 import csv
 import hashlib
 import io
@@ -43,7 +48,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from transforms import records as R
-from transforms.problem import Missing, Problem, ReferenceTable
+from transforms.problem import Missing, Problem, ReferenceTable, TimeUnit
 
 METRICS_NAMESPACE = 'rtml.enrich'
 TOPIC_PREFIX = 'topic:'
@@ -64,10 +69,23 @@ class EnrichmentOptions(PipelineOptions):
 
 
 class Snapshot(NamedTuple):
-  """One table's rows (key -> typed fields) and its version."""
+  """One table's rows (key -> typed fields: the newest) and its version;
+  with ``valid_from``, each key's rows as (valid from seconds, fields), in
+  time order (``history``)."""
   rows: Mapping[str, Mapping[str, Any]]
   version: str
   error: Optional[str] = None  # the table cannot be used (and why)
+  history: Optional[Mapping[str, tuple[tuple[float, Mapping[str, Any]],
+                                       ...]]] = None
+
+  def row_at(self, key: str, seconds: Optional[float]
+             ) -> Optional[Mapping[str, Any]]:
+    """The key's row valid at ``seconds`` (as-of), else its newest."""
+    if self.history is None or seconds is None:
+      return self.rows.get(key)
+    versions = self.history.get(key, ())
+    at = bisect.bisect_right(versions, seconds, key=lambda tv: tv[0])
+    return versions[at - 1][1] if at else None
 
 
 def table_row(problem: Problem, table: ReferenceTable,
@@ -99,6 +117,7 @@ def load_file(problem: Problem, table: ReferenceTable, path: str) -> Snapshot:
     data = f.read()
   text = data.decode('utf-8')
   rows = {}
+  history: dict[str, list] = {}
   if path.endswith(('.json', '.jsonl')):
     lines = ((i, json.loads(line), False)
              for i, line in enumerate(text.splitlines(), 1) if line.strip())
@@ -108,10 +127,36 @@ def load_file(problem: Problem, table: ReferenceTable, path: str) -> Snapshot:
   for number, raw, from_text in lines:
     try:
       key, fields = table_row(problem, table, raw, from_text)
+      if table.valid_from:
+        history.setdefault(key, []).append(
+            (_valid_from(problem, table, raw, from_text), fields))
     except ValueError as e:
       raise ValueError(f'{path}:{number}: {e}') from None
     rows[key] = fields
-  return Snapshot(rows, f'file:{hashlib.sha1(data).hexdigest()[:12]}')
+  version = f'file:{hashlib.sha1(data).hexdigest()[:12]}'
+  if not table.valid_from:
+    return Snapshot(rows, version)
+  ordered = {k: tuple(sorted(v, key=lambda tv: tv[0]))
+             for k, v in history.items()}
+  return Snapshot({k: v[-1][1] for k, v in ordered.items()}, version,
+                  history=ordered)
+
+
+def _valid_from(problem: Problem, table: ReferenceTable,
+                raw: Mapping[str, Any], from_text: bool) -> float:
+  """A reference row's ``valid_from`` time in Unix seconds."""
+  if problem.event_time.field is None:
+    raise ValueError(f'table {table.name!r} has valid_from, but the problem '
+                     'has no event-time field to join as of')
+  value = raw.get(table.valid_from)
+  if value in (None, ''):
+    raise ValueError(f'no {table.valid_from!r}')
+  try:
+    if from_text and problem.event_time.unit is not TimeUnit.FORMAT:
+      value = float(value)
+    return problem.event_time.raw_seconds(value)
+  except ValueError as e:
+    raise ValueError(f'{table.valid_from}={value!r}: {e}') from None
 
 
 def enrich(problem: Problem, record: R.Record,
@@ -125,17 +170,25 @@ def enrich(problem: Problem, record: R.Record,
     key = values.get(table.key)
     if snapshot.error:
       raise R.InvalidRecord([R.FieldError(table.key, key, snapshot.error)])
-    row = snapshot.rows.get(str(key))
+    seconds = R.event_seconds(problem, record) if table.valid_from else None
+    row = snapshot.row_at(str(key), seconds)
     if row is None:
       if table.on_missing is Missing.DEAD_LETTER:
+        when = (f' valid at {_iso(seconds)}'
+                if snapshot.history is not None and seconds is not None
+                else '')
         raise R.InvalidRecord([R.FieldError(
-            table.key, key,
-            f'no {table.name} reference for {key!r} ({snapshot.version})')])
+            table.key, key, f'no {table.name} reference for {key!r}{when} '
+            f'({snapshot.version})')])
       continue
     values.update(row)
     missing.difference_update(table.fields)
   return R.Record(values, tuple(f for f in record.missing if f in missing),
                   record.event_id)
+
+
+def _iso(seconds: float) -> str:
+  return time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(seconds))
 
 
 def sources(problem: Problem, flags: Iterable[str] = ()) -> dict[str, str]:

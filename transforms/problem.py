@@ -267,12 +267,18 @@ class ReferenceTable:
       with the key column and the fields, or ``topic:NAME``, a compacted
       topic of upserts (JSON value) and deletes (null value) keyed by key.
     on_missing: an event whose key has no row: defaults, or a dead letter.
+    valid_from: a column of a *file* table holding the time from which its
+      row holds, in the form of the problem's event time: a key may then
+      have several rows, and an event gets the newest one valid at its event
+      time (an as-of join; none valid yet counts as missing). A topic table
+      holds the newest row per key (a compacted topic keeps no history).
   """
   name: str
   key: str
   fields: tuple[str, ...]
   source: Optional[str] = None
   on_missing: Missing = Missing.DEFAULT
+  valid_from: Optional[str] = None
 
 
 @dataclasses.dataclass(frozen=True)
