@@ -23,10 +23,10 @@ another). Several ``WriteTransactionally`` of one stage with the same
 ``group_id`` (e.g. predictions and each dead-letter stream, written without a
 ``Flatten``: Prism ends a fused stage at a Flatten) share one transaction per
 bundle, committed when the last of them finishes the bundle. A shuffle between
-the read and the writes (e.g. RunInference with ``max_batch_duration_secs``,
-which batches with state) breaks this; the serving pipeline refuses that
-combination, and a write found running in a bundle that read nothing is
-logged and counted (``transactions_unfused``). Read with
+the read and the writes (e.g. batching with state) breaks this; the serving
+pipeline has none (it scores the source's poll batches), and a write found
+running in a bundle that read nothing is logged and counted
+(``transactions_unfused``). Read with
 ``commit_offsets=False``: the transactions commit the offsets.
 """
 
