@@ -204,7 +204,7 @@ def _row_dead_letter(element, errors: list[dict]) -> dict[str, Any]:
   """A parsed CSV row the reference join refused (its record key and
   values; the row's text was parsed away)."""
   key, record = element
-  return {'source': 'Enrich', 'record_key': key,
+  return {'stage': 'Enrich', 'record_key': key,
           'values': dict(record.values), 'errors': errors}
 
 

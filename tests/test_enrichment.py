@@ -193,7 +193,8 @@ def _zip_drift_of_analytics(tmp_path, training_records, input_args):
 
 def test_analytics_joins_as_training_does(tmp_path):
   """The windowed-analytics job joins the same table: the drift monitor's
-  window sees the joined zip figures, not the defaults."""
+  window sees the joined zip figures, not the defaults; under the
+  dead-letter policy a zip the table lacks is a dead letter."""
   with open('data/houses.csv', encoding='utf-8') as f:
     lines = [next(f) for _ in range(301)]
   csv_path = tmp_path / 'houses.csv'
@@ -218,6 +219,16 @@ def test_analytics_joins_as_training_does(tmp_path):
   assert sum(r['present'] for r in rows) == len(joined) > 200
   mean = sum(r['mean'] * r['present'] for r in rows) / len(joined)
   assert mean == pytest.approx(sum(joined) / len(joined), rel=1e-6)
+  # Under the dead-letter policy each zip the table lacks is a dead letter.
+  strict_dir = tmp_path / 'strict'
+  strict_dir.mkdir()
+  _, letters = _zip_drift_of_analytics(
+      strict_dir, expected, ['--problem', str(_strict_problem_file(tmp_path)),
+                             '--input_csv', str(csv_path)])
+  refused = [d for d in letters if d.get('stage') == 'Enrich']
+  assert len(refused) == len(expected) - len(joined) > 0
+  assert all('no statezip reference' in d['errors'][0]['reason']
+             for d in refused)
 
 
 @pytest.mark.integration
