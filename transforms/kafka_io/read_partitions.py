@@ -15,7 +15,7 @@ import functools
 import logging
 import threading
 import time
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
 import apache_beam as beam
 from apache_beam.io.restriction_trackers import OffsetRange
@@ -61,6 +61,7 @@ class _ReadProgress:
   next_offset: int
   emitted: int = 0
   fallbacks: int = 0
+  refused: bool = False  # the tracker refused a claim (a split)
 
 
 class _ReadPartitionsFn(beam.DoFn, RestrictionProvider,
@@ -219,8 +220,6 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider,
     batch = self._take_leftover(topic, partition, restriction.start)
     consumer = self._consumer_at(
         topic, partition, batch[-1].offset + 1 if batch else restriction.start)
-    event_time = self._event_time
-    kafka_time = event_time is kafka_timestamp
     timeout_ms = int(config.poll_timeout_s * 1000)
     checkpoints = config.commits or not tracker.is_bounded()
     deadline = time.monotonic() + config.checkpoint_interval_s
@@ -244,44 +243,39 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider,
         return
       watermark.begin_batch()
       if config.batches:
-        emitted, refused = self._emit_batch(batch, tracker, watermark,
-                                            progress)
-        if emitted is not None:
-          yield emitted
-        if refused:
+        # One KafkaBatch per poll; the watermark sees every record's time,
+        # the batch carries the earliest.
+        records, seconds_of = [], []
+        for _, record, seconds in self._claimed(batch, tracker, progress):
+          watermark.observe_timestamp(Timestamp.of(seconds))
+          records.append(record)
+          seconds_of.append(seconds)
+          progress.next_offset = record.offset + 1
+        if records:
+          progress.emitted += len(records)
+          yield WindowedValue(KafkaBatch(records, seconds_of),
+                              min(seconds_of), _GLOBAL_WINDOWS)
+        if progress.refused:
           return  # the runner split the restriction: the rest is not ours
-        batch = None
-        if checkpoints and (time.monotonic() >= deadline or (
-            config.end_bundle_when_caught_up and _caught_up(consumer, tp))):
-          tracker.defer_remainder()
-          return
-        continue
-      for i, msg in enumerate(batch):
-        if msg.offset < progress.next_offset:
-          # The consumer reset to an earlier offset (the topic was
-          # recreated): those offsets were read already.
-          self._resets.inc()
-          continue
-        if not tracker.try_claim(msg.offset):
-          return
-        record = _new_record((msg.topic, msg.partition, msg.offset, msg.key,
-                              msg.value, msg.timestamp))
-        if kafka_time and 0 <= msg.timestamp <= _MAX_EVENT_MS:
-          seconds = msg.timestamp / 1000.0  # the common case, inlined
-        else:
-          seconds = self._event_seconds(record, progress)
-        # A WindowedValue skips the per-element window assignment of a
-        # TimestampedValue: the read starts from an Impulse, in the global
-        # window.
-        yield WindowedValue(record, seconds, _GLOBAL_WINDOWS)
-        progress.next_offset = msg.offset + 1
-        progress.emitted += 1
         if checkpoints and time.monotonic() >= deadline:
-          # Let the runner commit the output (and finalize: commit the
-          # offsets) before reading on; keep the rest of the batch for the
-          # resumed restriction (usually on this DoFn instance).
-          self._leftovers[(topic, partition)] = batch[i + 1:]
           tracker.defer_remainder()
+          return
+      else:
+        for i, record, seconds in self._claimed(batch, tracker, progress):
+          # A WindowedValue skips the per-element window assignment of a
+          # TimestampedValue: the read starts from an Impulse, in the
+          # global window.
+          yield WindowedValue(record, seconds, _GLOBAL_WINDOWS)
+          progress.next_offset = record.offset + 1
+          progress.emitted += 1
+          if checkpoints and time.monotonic() >= deadline:
+            # Let the runner commit the output (and finalize: commit the
+            # offsets) before reading on; keep the rest of the batch for
+            # the resumed restriction (usually on this DoFn instance).
+            self._leftovers[(topic, partition)] = batch[i + 1:]
+            tracker.defer_remainder()
+            return
+        if progress.refused:
           return
       batch = None
       if checkpoints and config.end_bundle_when_caught_up and _caught_up(
@@ -291,38 +285,27 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider,
         tracker.defer_remainder()
         return
 
-  def _emit_batch(self, batch: list, tracker, watermark,
-                  progress: '_ReadProgress'
-                  ) -> tuple[Optional[WindowedValue], bool]:
-    """(one poll's claimed records as a ``KafkaBatch``, or None; whether
-    the tracker refused a claim), for ``batches=True``. Each record's event
-    time is observed by the watermark; the batch carries the earliest."""
-    event_time = self._event_time
-    kafka_time = event_time is kafka_timestamp
-    records, seconds_of = [], []
-    refused = False
-    for msg in batch:
+  def _claimed(self, batch: list, tracker, progress: '_ReadProgress'
+               ) -> Iterator[tuple[int, Any, float]]:
+    """(index in ``batch``, ``KafkaRecord``, event seconds) of each polled
+    message this restriction claims, in order. Skips offsets already read
+    (the consumer reset to an earlier offset: the topic was recreated);
+    stops at a claim the tracker refuses (``progress.refused``)."""
+    kafka_time = self._event_time is kafka_timestamp
+    for i, msg in enumerate(batch):
       if msg.offset < progress.next_offset:
         self._resets.inc()
         continue
       if not tracker.try_claim(msg.offset):
-        refused = True
-        break
+        progress.refused = True
+        return
       record = _new_record((msg.topic, msg.partition, msg.offset, msg.key,
                             msg.value, msg.timestamp))
       if kafka_time and 0 <= msg.timestamp <= _MAX_EVENT_MS:
-        seconds = msg.timestamp / 1000.0
+        seconds = msg.timestamp / 1000.0  # the common case, inlined
       else:
         seconds = self._event_seconds(record, progress)
-      watermark.observe_timestamp(Timestamp.of(seconds))
-      records.append(record)
-      seconds_of.append(seconds)
-      progress.next_offset = msg.offset + 1
-    if not records:
-      return None, refused
-    progress.emitted += len(records)
-    return WindowedValue(KafkaBatch(records, seconds_of), min(seconds_of),
-                         _GLOBAL_WINDOWS), refused
+      yield i, record, seconds
 
   def _event_seconds(self, record, progress: '_ReadProgress') -> float:
     """A record's event time from ``event_time``; when that cannot be
