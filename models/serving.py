@@ -52,8 +52,8 @@ the GIL while it computes).
 
 from __future__ import annotations
 
-import gc
 import concurrent.futures
+import gc
 import json
 import logging
 import math
@@ -102,8 +102,8 @@ def load(path: str) -> LoadedModel:
   TensorFlow, Beam) out of the garbage collector's reach (``gc.freeze``).
 
   A full collection of that heap paused every thread of the worker for
-  250-640 ms, a dozen times in a one-minute serving benchmark: the tail of
-  the latency. Frozen objects are still freed when nothing refers to them;
+  378-735 ms, also in the middle of a serving benchmark's rate phases;
+  frozen, 6-29 ms (README, "Benchmarks"). Frozen objects are still freed when nothing refers to them;
   what a swapped-out model leaves in cycles is collected here, at the next
   load, before freezing again.
   """

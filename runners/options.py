@@ -147,8 +147,8 @@ def _flink(argv: list[str], streaming: bool = False) -> list[str]:
     argv = _flink_checkpoints(argv)
     # Flink ends a bundle of the Python stage after this long (default
     # 1,000 ms) and only then resumes a checkpointed Kafka read: serving
-    # answered in p50 ~700 ms with the default, 13 ms with 20
-    # (benchmarks/serve_bench.py, README "Benchmarks").
+    # answered in p50 646-760 ms with the default, 13-413 ms with 20
+    # (benchmarks/serve_bench.py, three runs, README "Benchmarks").
     argv = set_default(argv, 'max_bundle_time_mills',
                        str(FLINK_STREAMING_BUNDLE_MS))
   argv = set_default(argv, 'flink_version', flink.versions().flink_minor)

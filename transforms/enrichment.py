@@ -48,6 +48,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from transforms import records as R
+from transforms import windowing
 from transforms.problem import Missing, Problem, ReferenceTable, TimeUnit
 
 METRICS_NAMESPACE = 'rtml.enrich'
@@ -174,7 +175,7 @@ def enrich(problem: Problem, record: R.Record,
     row = snapshot.row_at(str(key), seconds)
     if row is None:
       if table.on_missing is Missing.DEAD_LETTER:
-        when = (f' valid at {_iso(seconds)}'
+        when = (f' valid at {windowing.iso(int(seconds * 1e6))}'
                 if snapshot.history is not None and seconds is not None
                 else '')
         raise R.InvalidRecord([R.FieldError(
@@ -185,10 +186,6 @@ def enrich(problem: Problem, record: R.Record,
     missing.difference_update(table.fields)
   return R.Record(values, tuple(f for f in record.missing if f in missing),
                   record.event_id)
-
-
-def _iso(seconds: float) -> str:
-  return time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(seconds))
 
 
 def sources(problem: Problem, flags: Iterable[str] = ()) -> dict[str, str]:

@@ -260,7 +260,7 @@ class _OffsetCommitter:
 
   def close(self) -> None:
     try:
-      self.flush()
+      self._send_pending()  # now, on this thread
     except Exception:  # pylint: disable=broad-except
       pass  # pending offsets are kept; the records are read again if lost
     with self._send_lock:
@@ -289,10 +289,6 @@ class _OffsetCommitter:
       taken = self._failures, self._last_error
       self._failures, self._last_error = 0, None
       return taken
-
-  def flush(self) -> None:
-    """Sends what is pending now, on this thread; raises if it fails."""
-    self._send_pending()
 
   def _run(self) -> None:
     while True:
