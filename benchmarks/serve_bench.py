@@ -198,7 +198,15 @@ def _start_job(kind, bootstrap, topics, model_root, runner, extra=()):
       '--model_dir', model_root, '--group_id', f'bench-{uuid.uuid4().hex[:6]}',
       '--max_batch_size', str(BATCH_SIZE), '--runner', runner,
       '--bundle_secs', str(BUNDLE_SECS), *flags, *extra])
-  return result.cancel
+
+  def stop():
+    # Gone before the next phase starts: a job still reading (Flink takes
+    # seconds to cancel) would share the worker with the next one.
+    from runners import jobs
+    result.cancel()
+    state = jobs.wait(result, duration_s=120)
+    _log(f'{runner}: job {state} after cancel')
+  return stop
 
 
 def _bench(kind, bootstrap, model_root, args, runner=None):

@@ -174,6 +174,7 @@ def read_kafka_records(pipeline, problem: Problem, opts: AnalyticsOptions):
           watermark=kafka_io.policy_from_flags(
               kafka, DEFAULT_MAX_OUT_OF_ORDERNESS),
           partition_discovery_s=kafka.partition_discovery_s,
+          readers=kafka_io.readers(opts),
           consumer_config=kafka.consumer_config)
       | 'DecodeEvents' >> decode.DecodeEvents(
           problem, event_format=event_format,

@@ -194,6 +194,7 @@ def start(argv: Optional[list[str]] = None):
           watermark=kafka_io.policy_from_flags(
               kafka, DEFAULT_MAX_OUT_OF_ORDERNESS),
           partition_discovery_s=kafka.partition_discovery_s,
+          readers=kafka_io.readers(options),
           consumer_config=kafka.consumer_config)
       | 'Decode' >> beam.ParDo(DecodeInputsFn(
           problem, names[PREDICTIONS], opts.labels_in_predictions)

@@ -560,6 +560,7 @@ def build(pipeline: beam.Pipeline, opts: ServeOptions,
           batches=True, max_poll_records=opts.max_batch_size,
           poll_timeout_s=min(1.0, opts.bundle_secs),
           partition_discovery_s=kafka.partition_discovery_s,
+          readers=kafka_io.readers(opts),
           consumer_config=kafka.consumer_config)
       | 'ParseEvents' >> decode.DecodeEvents(
           problem, with_source=True, event_format=event_format,

@@ -32,6 +32,7 @@ from kafka import KafkaConsumer
 from tools import replay
 from transforms import decode
 from transforms import kafka_io
+from transforms.kafka_io.watermarks import GroupWatermarkEstimator
 from tests.taxi import TAXI
 from tests.topics import committed_offsets, consume_all, produce
 EVENT_TIME_KEY = TAXI.event_time.field
@@ -159,6 +160,53 @@ def test_partitions_report_the_minimum_of_their_committed_peers():
   assert p0.current_watermark() == seconds(120)  # never goes back
 
 
+def test_a_group_of_partitions_claims_each_in_order_and_checkpoints_all():
+  from transforms.kafka_io.partitions import (UNBOUNDED_STOP,
+                                              _GroupOffsetTracker,
+                                              group_specs)
+  specs = [('t', 0, 5, UNBOUNDED_STOP), ('t', 1, 0, 3), ('t', 2, 7, 9)]
+  assert group_specs(specs, None) == [(s,) for s in specs]
+  assert group_specs(specs, 2) == [(specs[0], specs[2]), (specs[1],)]
+  tracker = _GroupOffsetTracker(tuple(specs))
+  assert not tracker.is_bounded()
+  assert tracker.try_claim(('t', 0, 5)) and tracker.try_claim(('t', 0, 8))
+  assert tracker.try_claim(('t', 1, 2))
+  assert not tracker.try_claim(('t', 1, 3))  # its stop: partition 1 done
+  with pytest.raises(ValueError):
+    tracker.try_claim(('t', 0, 6))  # backwards
+  primary, residual = tracker.try_split(0)
+  assert primary == (('t', 0, 5, 9), ('t', 1, 0, 3), ('t', 2, 7, 7))
+  assert residual == (('t', 0, 9, UNBOUNDED_STOP), ('t', 2, 7, 9))
+  assert not tracker.try_claim(('t', 0, 9))  # the residual's now
+  tracker.check_done()
+  assert tracker.try_split(0.5) is None
+  unfinished = _GroupOffsetTracker((('t', 1, 0, 3),))
+  unfinished.try_claim(('t', 1, 0))
+  with pytest.raises(ValueError, match='unclaimed'):
+    unfinished.check_done()
+
+
+def test_a_group_watermark_is_its_slowest_partition():
+  clock = FakeClock(1_000_000.0)
+  policy = kafka_io.WatermarkPolicy(max_out_of_orderness_s=10,
+                                    idle_timeout_s=None)
+  est = GroupWatermarkEstimator(
+      GroupWatermarkEstimator.initial_state((('t', 0), ('t', 1))), policy,
+      clock=clock)
+  est.select(('t', 0))
+  est.observe_timestamp(Timestamp.of(500))
+  est.select(('t', 1))
+  est.observe_timestamp(Timestamp.of(200))
+  assert est.current_watermark() == Timestamp.of(190)
+  resumed = GroupWatermarkEstimator(est.get_estimator_state(), policy,
+                                    clock=clock)
+  resumed.select(('t', 1))
+  resumed.observe_timestamp(Timestamp.of(300))
+  assert resumed.current_watermark() == Timestamp.of(290)
+  resumed.finish(('t', 1))  # read to its end: only partition 0 counts
+  assert resumed.current_watermark() == Timestamp.of(490)
+
+
 def test_event_time_from_json_field_or_none():
   def rec(value: bytes) -> kafka_io.KafkaRecord:
     return kafka_io.KafkaRecord('t', 0, 0, None, value, 5000)
@@ -230,8 +278,10 @@ def taxi_events() -> list[tuple[str, dict[str, Any]]]:
   return replay.load_events(TAXI, TAXI_CSV, limit=300)
 
 
+@pytest.mark.parametrize('readers', [None, 1, 2])
 def test_bounded_read_returns_exactly_the_records_produced(
-    kafka_bootstrap, kafka_topic, taxi_events):
+    kafka_bootstrap, kafka_topic, taxi_events, readers):
+  """One restriction per partition, all three in one, or dealt to two."""
   topic = kafka_topic(partitions=3)
   assert replay.replay(TAXI, taxi_events, topic, kafka_bootstrap) == 300
   produced = consume_all(kafka_bootstrap, topic, expected=300)
@@ -249,7 +299,7 @@ def test_bounded_read_returns_exactly_the_records_produced(
   with beam.Pipeline(options=direct_options()) as p:
     got = (p
            | 'ReadTrips' >> kafka_io.ReadFromKafka(
-               kafka_bootstrap, topic, bounded=True,
+               kafka_bootstrap, topic, bounded=True, readers=readers,
                event_time=EVENT_TIME_KEY)
            | 'AttachTimestamp' >> beam.ParDo(WithTimestamp()))
     assert_that(got, equal_to(expected))
@@ -274,9 +324,11 @@ def test_bounded_read_between_offsets_and_timestamps(kafka_bootstrap,
     assert_that(by_time, equal_to([12, 13, 14]), label='CheckTimes')
 
 
+@pytest.mark.parametrize('readers', [None, 1])
 def test_streaming_read_fixed_windows_on_direct_runner(
-    kafka_bootstrap, kafka_topic, taxi_events):
-  """streaming=True, stopped at the end offsets: every event in its window."""
+    kafka_bootstrap, kafka_topic, taxi_events, readers):
+  """streaming=True, stopped at the end offsets: every event in its window
+  (each partition's watermark, also when one consumer reads both)."""
   topic = kafka_topic(partitions=2)
   replay.replay(TAXI, taxi_events, topic, kafka_bootstrap)
   size = 30 * 86400
@@ -291,7 +343,7 @@ def test_streaming_read_fixed_windows_on_direct_runner(
   with beam.Pipeline(options=direct_options('--streaming')) as p:
     counts = (p
               | 'ReadTrips' >> kafka_io.ReadFromKafka(
-                  kafka_bootstrap, topic, bounded=True,
+                  kafka_bootstrap, topic, bounded=True, readers=readers,
                   event_time=EVENT_TIME_KEY,
                   watermark=kafka_io.WatermarkPolicy(
                       max_out_of_orderness_s=600))

@@ -41,7 +41,8 @@ from transforms.kafka_io.dead_letters import (WriteDeadLetters, dead_letter,
 from transforms.kafka_io.event_time import (EventTimeFn, JsonFieldEventTime,
                                             event_time_fn, kafka_timestamp)
 from transforms.kafka_io.options import (AT_LEAST_ONCE, EXACTLY_ONCE,
-                                         KafkaOptions, bootstrap_servers)
+                                         KafkaOptions, bootstrap_servers,
+                                         readers)
 from transforms.kafka_io.partitions import UNBOUNDED_STOP, resolve_partitions
 from transforms.kafka_io.reader import ReadFromKafka
 from transforms.kafka_io.record import (METRICS_NAMESPACE, KafkaBatch,
@@ -62,5 +63,5 @@ __all__ = [
     'WatermarkPolicy', 'policy_from_flags', 'WriteDeadLetters',
     'WriteToKafka', 'bootstrap_servers',
     'dead_letter', 'event_time_fn', 'kafka_timestamp',
-    'resolve_partitions',
+    'readers', 'resolve_partitions',
 ]

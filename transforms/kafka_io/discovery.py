@@ -1,10 +1,13 @@
 """Which partitions a read covers: found at launch, and while it runs.
 
-``DiscoverPartitions`` (after an ``Impulse``) emits one (topic, partition,
-start, stop) element per partition at launch. ``WatchPartitions`` does the
-same for an unbounded read of whole topics, then looks again every
-``partition_discovery_s`` seconds and emits the partitions added since (as
-Java KafkaIO's ``withDynamicRead`` and Flink's partition discovery do).
+``DiscoverPartitions`` (after an ``Impulse``) emits the read's partitions at
+launch, each a (topic, partition, start, stop) spec, in groups: one group
+per partition, or ``readers`` groups (``partitions.group_specs``); each
+group is one element of the reading DoFn. ``WatchPartitions`` does the same
+for an unbounded read of whole topics, then looks again every
+``partition_discovery_s`` seconds and emits the partitions added since, one
+group each (as Java KafkaIO's ``withDynamicRead`` and Flink's partition
+discovery do).
 
 The partitions already emitted live in the splittable DoFn's *restriction*
 (as Java's ``Watch.growthOf`` keeps its growth state), so they survive
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Iterator
+from typing import Iterator, Optional
 
 import apache_beam as beam
 from apache_beam.io.iobase import RestrictionProgress, RestrictionTracker
@@ -32,20 +35,27 @@ from apache_beam.transforms.core import RestrictionProvider
 from apache_beam.utils.timestamp import Duration, Timestamp
 
 from transforms.kafka_io.clients import is_retriable
-from transforms.kafka_io.partitions import (_peers, _ReadConfig,
+from transforms.kafka_io.partitions import (Group, Spec, _peers, _ReadConfig,
+                                            group_key, group_specs,
                                             list_partitions,
                                             resolve_partitions)
 
 _LOGGER = logging.getLogger(__name__)
 
-Spec = tuple[str, int, int, int]  # topic, partition, start, stop offsets
-
 
 def _launch_partitions(config: _ReadConfig) -> list[Spec]:
   specs = resolve_partitions(config)
   _LOGGER.info('Reading %d Kafka partitions: %s', len(specs), specs)
-  _peers(config).register((t, p) for t, p, _, _ in specs)
   return specs
+
+
+def _groups(config: _ReadConfig, specs: list[Spec],
+            readers: Optional[int]) -> list[Group]:
+  """``specs`` as the reading DoFn's elements, registered with the read's
+  ``PeerWatermarks`` before any is read."""
+  groups = group_specs(specs, readers)
+  _peers(config).register(group_key(group) for group in groups)
+  return groups
 
 
 class DiscoverPartitions(beam.DoFn):
@@ -54,8 +64,9 @@ class DiscoverPartitions(beam.DoFn):
   def __init__(self, config: _ReadConfig):
     self._config = config
 
-  def process(self, unused_impulse) -> Iterator[Spec]:
-    yield from _launch_partitions(self._config)
+  def process(self, unused_impulse) -> Iterator[Group]:
+    config = self._config
+    yield from _groups(config, _launch_partitions(config), config.readers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,12 +142,15 @@ class WatchPartitions(beam.DoFn):
       self, unused_impulse,
       tracker=beam.DoFn.RestrictionParam(_EmittedProvider()),
       watermark=beam.DoFn.WatermarkEstimatorParam(
-          ManualWatermarkEstimator.default_provider())) -> Iterator[Spec]:
+          ManualWatermarkEstimator.default_provider())) -> Iterator[Group]:
+    config = self._config
     restriction = tracker.current_restriction()
     if not restriction.launched:
-      specs = _launch_partitions(self._config)
+      specs = _launch_partitions(config)
+      groups = _groups(config, specs, config.readers)
     else:
       specs = self._new_partitions(restriction.partitions)
+      groups = _groups(config, specs, None)
     if tracker.try_claim(frozenset((t, p) for t, p, _, _ in specs)):
       # The watermark follows the clock, so the reads downstream are not
       # held back by this one. The specs keep the impulse's timestamp (the
@@ -145,7 +159,7 @@ class WatchPartitions(beam.DoFn):
       # from ever closing a window.
       now = Timestamp.now()
       watermark.set_watermark(max(now, watermark.current_watermark() or now))
-      yield from specs
+      yield from groups
       tracker.defer_remainder(
           Duration.of(self._config.partition_discovery_s))
 
@@ -167,5 +181,4 @@ class WatchPartitions(beam.DoFn):
       return []
     _LOGGER.info('Kafka partitions added while running, now read: %s', specs)
     self._added.inc(len(specs))
-    _peers(config).register((t, p) for t, p, _, _ in specs)
     return specs

@@ -14,8 +14,12 @@ from __future__ import annotations
 import json
 import os
 
-from apache_beam.options.pipeline_options import (KafkaStreamsRunnerOptions,
-                                                  PipelineOptions)
+from typing import Optional
+
+from apache_beam.options.pipeline_options import (FlinkRunnerOptions,
+                                                  KafkaStreamsRunnerOptions,
+                                                  PipelineOptions,
+                                                  StandardOptions)
 
 _BEAM_DEFAULT_BOOTSTRAP = 'localhost:9092'
 AT_LEAST_ONCE = 'at_least_once'
@@ -107,7 +111,35 @@ class KafkaOptions(PipelineOptions):
     parser.add_argument('--partition_discovery_s', type=float, default=60.0,
                         help='Seconds between looks for partitions added to '
                         'the input topic while the job runs (0: never).')
+    parser.add_argument('--kafka_readers', type=int, default=None,
+                        help='How many restrictions read the input '
+                        'partitions: 0 = one per partition, as Java '
+                        'KafkaIO (default, except on Flink); N = the '
+                        'partitions dealt to N, each read by one consumer '
+                        'polling all of its partitions. Flink default: '
+                        '--parallelism if given, else 1 (Flink runs one '
+                        'bundle at a time per worker: with one restriction '
+                        'per partition, each partition waited while another '
+                        'read).')
     parser.add_argument('--give_up_s', type=float, default=600.0,
                         help='Seconds the Kafka source and sinks wait out an '
                         'unreachable broker (reconnecting, with a log line) '
                         'before they fail with an error.')
+
+
+def readers(options: PipelineOptions) -> Optional[int]:
+  """``ReadFromKafka(readers=...)`` for a pipeline's input: ``--kafka_readers``
+  (0: one per partition), else one per partition except on Flink, where it
+  is ``--parallelism`` (else 1): Flink's portable runner processes one
+  bundle at a time per worker, so with a restriction per partition each
+  partition waited while another one read for up to a checkpoint interval
+  (serving p99 over 1 s at 1,000 events/s, ``benchmarks/serve_bench.py``).
+  """
+  flag = options.view_as(KafkaOptions).kafka_readers
+  if flag is not None:
+    return flag or None
+  runner = (options.view_as(StandardOptions).runner or '').lower()
+  if 'flink' not in runner:
+    return None
+  parallelism = options.view_as(FlinkRunnerOptions).parallelism
+  return parallelism if parallelism and parallelism > 0 else 1

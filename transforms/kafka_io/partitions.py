@@ -1,10 +1,11 @@
 """What a read covers: its config, its partitions and their offsets.
 
 ``resolve_partitions`` turns a ``_ReadConfig`` into one (topic, partition,
-start, stop) element per partition at launch; ``_PartitionOffsetTracker``
-tracks the offsets of one such element while it is read,
-``_OffsetCommitter`` commits the group's offsets behind it, and ``_peers``
-is the ``PeerWatermarks`` of the read's partitions.
+start, stop) spec per partition at launch; ``group_specs`` deals them into
+the groups one consumer each reads (the reading DoFn's elements);
+``_GroupOffsetTracker`` tracks the offsets of one group while it is read,
+``_OffsetCommitter`` commits the consumer group's offsets behind it, and
+``_peers`` is the ``PeerWatermarks`` of the read's groups.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import threading
 import time
 from typing import Any, Mapping, Optional
 
-from apache_beam.io.restriction_trackers import OffsetRestrictionTracker
+from apache_beam.io.iobase import RestrictionProgress, RestrictionTracker
 
 from transforms.kafka_io.clients import (CLIENT_DEFAULTS, DEFAULT_GIVE_UP_S,
                                          resolve_secrets, with_retry)
@@ -24,6 +25,11 @@ from transforms.kafka_io.watermarks import PeerWatermarks, WatermarkPolicy
 
 # Restriction end of an unbounded partition: offsets never get near it.
 UNBOUNDED_STOP = 2**63 - 1
+
+Spec = tuple[str, int, int, int]  # topic, partition, start, stop offsets
+# The element (and restriction) of the reading DoFn: the partitions one
+# consumer reads, each with its offsets.
+Group = tuple[Spec, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +58,7 @@ class _ReadConfig:
   partition_discovery_s: Optional[float] = None
   end_bundle_when_caught_up: bool = False
   batches: bool = False
+  readers: Optional[int] = None  # None: one read per partition
 
   @property
   def watches_partitions(self) -> bool:
@@ -343,21 +350,93 @@ class _OffsetCommitter:
             self._committed[tp] = offset
 
 
-class _PartitionOffsetTracker(OffsetRestrictionTracker):
-  """Offsets of one partition, split only to checkpoint.
+class _GroupOffsetTracker(RestrictionTracker):
+  """The offsets of a read's partitions, split only to checkpoint.
 
-  A fractional split of ``[n, 2**63-1)`` would invent offsets far beyond the
-  log; sub-ranges of one partition read in parallel could commit a later
-  offset before an earlier range finished, and would break the one bundle
-  after another order ``PeerWatermarks`` relies on. Kafka's unit of
-  parallelism is the partition, so ranges only accept checkpoints
-  (``fraction_of_remainder == 0``).
+  The restriction is a group (``Group``): ``[start, stop)`` per partition.
+  ``try_claim((topic, partition, offset))`` claims one partition's offset;
+  an offset at or past that partition's stop ends the partition (False)
+  and leaves the others readable, as ``OffsetRestrictionTracker`` does for
+  its one range. The checkpoint split (``fraction_of_remainder == 0``)
+  keeps ``[start, next)`` of every partition in the primary and gives
+  ``[next, stop)`` of those not done to the residual.
+
+  No fractional splits: one of ``[n, 2**63-1)`` would invent offsets far
+  beyond the log, and sub-ranges of one partition read in parallel could
+  commit a later offset before an earlier range finished, breaking the one
+  bundle after another order ``PeerWatermarks`` relies on. Kafka's unit of
+  parallelism is the partition; how many reads share them is the
+  ``readers`` choice of ``ReadFromKafka``.
   """
+
+  def __init__(self, restriction: Group):
+    self._group = tuple(restriction)
+    self._next = {(t, p): start for t, p, start, _ in self._group}
+    self._stop = {(t, p): stop for t, p, _, stop in self._group}
+    self._done: set[tuple[str, int]] = set()
+
+  def current_restriction(self) -> Group:
+    return tuple((t, p, start, self._stop[(t, p)])
+                 for t, p, start, _ in self._group)
+
+  def try_claim(self, position: tuple[str, int, int]) -> bool:
+    topic, partition, offset = position
+    tp = (topic, partition)
+    if tp not in self._stop:
+      raise ValueError(f'{tp} is not in the restriction {self._group}')
+    if offset < self._next[tp]:
+      raise ValueError(f'Offset {offset} of {tp} claimed after '
+                       f'{self._next[tp] - 1}')
+    if tp in self._done or offset >= self._stop[tp]:
+      self._done.add(tp)
+      return False
+    self._next[tp] = offset + 1
+    return True
 
   def try_split(self, fraction_of_remainder):
     if fraction_of_remainder > 0:
       return None
-    return super().try_split(fraction_of_remainder)
+    residual = tuple((t, p, self._next[(t, p)], stop)
+                     for t, p, _, stop in self.current_restriction()
+                     if (t, p) not in self._done
+                     and self._next[(t, p)] < stop)
+    if not residual:
+      return None
+    for tp in self._stop:
+      self._stop[tp] = min(self._stop[tp], self._next[tp])
+    return self.current_restriction(), residual
+
+  def current_progress(self) -> RestrictionProgress:
+    completed = sum(self._next[(t, p)] - start
+                    for t, p, start, _ in self._group)
+    remaining = sum(max(0, stop - self._next[tp])
+                    for tp, stop in self._stop.items()
+                    if tp not in self._done)
+    return RestrictionProgress(completed=completed, remaining=remaining)
+
+  def check_done(self) -> None:
+    left = [(tp, self._next[tp], stop) for tp, stop in self._stop.items()
+            if tp not in self._done and self._next[tp] < stop]
+    if left:
+      raise ValueError(f'Offsets left unclaimed (partition, next, stop): '
+                       f'{left}')
 
   def is_bounded(self) -> bool:
-    return self.current_restriction().stop != UNBOUNDED_STOP
+    return all(stop != UNBOUNDED_STOP for stop in self._stop.values())
+
+
+def group_key(group: Group) -> tuple[tuple[str, int], ...]:
+  """The (topic, partition) pairs of a group: its consumer's and its
+  watermark's key."""
+  return tuple((t, p) for t, p, _, _ in group)
+
+
+def group_specs(specs: list[Spec], readers: Optional[int]) -> list[Group]:
+  """The read's elements: one group per partition (``readers`` None), or the
+  partitions dealt round-robin to ``readers`` groups."""
+  if not readers:
+    return [(spec,) for spec in specs]
+  groups: list[list[Spec]] = [[] for _ in range(min(readers, len(specs)))]
+  for i, spec in enumerate(specs):
+    groups[i % len(groups)].append(spec)
+  return [tuple(group) for group in groups]

@@ -4,7 +4,8 @@ Reading::
 
     Impulse -> DiscoverPartitions -> Reshuffle -> ReadPartitions (SDF)
 
-One element per (topic, partition) carries the start offset resolved at launch
+One element per partition (or per group of partitions, ``readers``) carries
+each partition's start offset resolved at launch
 (explicit offsets, a start timestamp, the group's committed offset, or
 ``auto_offset_reset``) and an optional stop offset (explicit, a stop
 timestamp, or the end offsets at launch when ``bounded=True``); see
@@ -101,6 +102,15 @@ class ReadFromKafka(beam.PTransform):
       and nothing waits for the bundle to end to form a batch.
     max_poll_records: records per poll (with ``batches``, the largest
       batch).
+    readers: None (default): each partition is read by its own restriction
+      (one consumer each), as Java KafkaIO's splittable DoFn does; the
+      runner spreads them and checkpoints them one by one. N: the
+      partitions are dealt to N restrictions, each read by one consumer
+      polling all of its partitions, as a hand-written loop does. For
+      runners that process one bundle at a time per worker, such as Flink:
+      there a restriction per partition makes each partition wait while
+      another reads, up to ``checkpoint_interval_s``. Partitions found
+      while running (``partition_discovery_s``) get a restriction each.
     consumer_config: extra kafka-python consumer settings (security...).
     decode: optional ``KafkaRecord -> value`` applied to every record.
     give_up_s: how long an unreachable broker is waited out (reconnecting,
@@ -134,6 +144,7 @@ class ReadFromKafka(beam.PTransform):
       end_bundle_when_caught_up: bool = False,
       batches: bool = False,
       max_poll_records: int = 1000,
+      readers: Optional[int] = None,
       consumer_config: Optional[Mapping[str, Any]] = None,
       decode: Optional[Callable[[KafkaRecord], Any]] = None,
       give_up_s: float = DEFAULT_GIVE_UP_S,
@@ -143,6 +154,9 @@ class ReadFromKafka(beam.PTransform):
       topics = [topics]
     if not topics and not partitions:
       raise ValueError('ReadFromKafka needs topics or partitions')
+    if readers is not None and readers < 1:
+      raise ValueError(f'ReadFromKafka: readers must be at least 1 (or '
+                       f'None: one per partition), got {readers}')
     if auto_offset_reset not in ('earliest', 'latest'):
       raise ValueError(f'auto_offset_reset must be earliest or latest, got '
                        f'{auto_offset_reset!r}')
@@ -169,6 +183,7 @@ class ReadFromKafka(beam.PTransform):
         end_bundle_when_caught_up=end_bundle_when_caught_up,
         batches=batches,
         max_poll_records=max_poll_records,
+        readers=readers,
         consumer_config=dict(consumer_config or {}),
         metrics_namespace=METRICS_NAMESPACE,
         reader_id=uuid.uuid4().hex,

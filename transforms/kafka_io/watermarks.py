@@ -197,6 +197,10 @@ class PartitionWatermarkEstimator(WatermarkEstimator):
     count, self._future_events = self._future_events, 0
     return count
 
+  def finish(self) -> None:
+    """The partition's range is read: it holds nothing back any more."""
+    self._watermark = MAX_TIMESTAMP.micros
+
   def _advance(self, micros: int) -> None:
     if self._watermark is None or micros > self._watermark:
       self._watermark = micros
@@ -221,3 +225,68 @@ class PartitionWatermarkEstimator(WatermarkEstimator):
     self.current_watermark()
     return (self._partition, self._watermark, self._max_event,
             self._last_activity, self._reported)
+
+
+class GroupWatermarkEstimator(WatermarkEstimator):
+  """Watermark of a read of several partitions (one consumer's group): the
+  minimum of its partitions' ``PartitionWatermarkEstimator``s, then of its
+  ``peers`` (the read's other groups), never going back.
+
+  The reader calls ``select(partition)`` before it emits (and observes) a
+  partition's records: the SDK's own ``observe_timestamp`` of each output
+  goes to the partition selected. State (carried across checkpoints):
+  ``(group key, each partition's estimator state, reported_micros)``.
+  """
+
+  def __init__(self, state: tuple, policy: WatermarkPolicy,
+               peers: Optional[PeerWatermarks] = None,
+               clock: Callable[[], float] = time.time):
+    self._key, partition_states, self._reported = state
+    self._parts = {partition_state[0]: PartitionWatermarkEstimator(
+        partition_state, policy, None, clock)
+                   for partition_state in partition_states}
+    self._peers = peers
+    self._current = next(iter(self._parts.values()))
+
+  @staticmethod
+  def initial_state(key: tuple[tuple[str, int], ...]) -> tuple:
+    return (key, tuple(PartitionWatermarkEstimator.initial_state(tp)
+                       for tp in key), None)
+
+  def select(self, partition: tuple[str, int]) -> None:
+    self._current = self._parts[partition]
+
+  def begin_batch(self) -> None:
+    self._current.begin_batch()
+
+  def observe_timestamp(self, timestamp: Timestamp) -> None:
+    self._current.observe_timestamp(timestamp)
+
+  def on_empty_poll(self, partition: tuple[str, int], caught_up: bool) -> None:
+    self._parts[partition].on_empty_poll(caught_up)
+
+  def finish(self, partition: tuple[str, int]) -> None:
+    self._parts[partition].finish()
+
+  def begin_read(self) -> None:
+    """The reader starts a bundle of this group (see PeerWatermarks)."""
+    if self._peers is not None:
+      self._peers.resume(self._key)
+
+  def take_future_events(self) -> int:
+    return sum(part.take_future_events() for part in self._parts.values())
+
+  def current_watermark(self) -> Timestamp:
+    candidate = min(part.own_watermark().micros
+                    for part in self._parts.values())
+    if self._peers is not None:
+      candidate = min(candidate, self._peers.report(self._key, candidate))
+    if self._reported is None or candidate > self._reported:
+      self._reported = candidate
+    return Timestamp(micros=self._reported)
+
+  def get_estimator_state(self) -> tuple:
+    self.current_watermark()
+    return (self._key, tuple(part.get_estimator_state()
+                             for part in self._parts.values()),
+            self._reported)
