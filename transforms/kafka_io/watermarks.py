@@ -21,9 +21,12 @@ is timestamped with its event time (see ``event_time``), then:
 * event times more than ``max_future_s`` ahead of the wall clock are emitted
   but do not advance the watermark (``event_time_in_future``): one corrupt
   timestamp must not make every later record late.
-* each partition reports min(its watermark, the other partitions' in this
-  worker) - see ``PeerWatermarks``: Prism, the DirectRunner's engine, takes a
-  splittable stage's watermark from the last bundle only.
+* a read of several partitions with one consumer (``readers``) reports the
+  minimum of its partitions' watermarks (``GroupWatermarkEstimator``).
+* each read (a partition, or such a group) reports min(its watermark, the
+  other reads' in this worker) - see ``PeerWatermarks``: Prism, the
+  DirectRunner's engine, takes a splittable stage's watermark from the last
+  bundle only.
 * runners: Prism (tested), Dataflow and Flink follow these per-partition
   watermarks while reading. The FnApiRunner (the DirectRunner when Prism is
   unavailable) runs stage after stage: windows fire when a bounded read
