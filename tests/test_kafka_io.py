@@ -131,13 +131,14 @@ def test_event_times_far_in_the_future_do_not_advance_the_watermark():
 def test_partitions_report_the_minimum_of_their_committed_peers():
   clock = FakeClock()
   peers = kafka_io.PeerWatermarks('reader-under-test', ttl_s=60, clock=clock)
-  peers.register([('t', 0), ('t', 1)])
+  peers.register([(('t', 0),), (('t', 1),)])
   policy = kafka_io.WatermarkPolicy(max_out_of_orderness_s=0,
                                     idle_timeout_s=None)
 
-  def estimator(partition: int) -> kafka_io.PartitionWatermarkEstimator:
-    return kafka_io.PartitionWatermarkEstimator(
-        kafka_io.PartitionWatermarkEstimator.initial_state(('t', partition)),
+  def estimator(partition: int) -> GroupWatermarkEstimator:
+    # A read of one partition (the default: a group of one).
+    return GroupWatermarkEstimator(
+        GroupWatermarkEstimator.initial_state((('t', partition),)),
         policy, peers)
 
   p0, p1 = estimator(0), estimator(1)
@@ -156,7 +157,7 @@ def test_partitions_report_the_minimum_of_their_committed_peers():
   clock.now += 61  # no news from p1 (finished, or moved): it stops counting
   p0.observe_timestamp(seconds(120))
   assert p0.current_watermark() == seconds(120)
-  peers.register([('t', 2)])
+  peers.register([(('t', 2),)])
   assert p0.current_watermark() == seconds(120)  # never goes back
 
 

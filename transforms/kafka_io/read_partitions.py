@@ -264,10 +264,8 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider,
           # Idle only if the log end is known *now*: while the leader is
           # unreachable the last highwater is stale, and an idle watermark
           # would jump to the wall clock and turn the backlog late.
-          position = consumer.position(tps[tp])
-          high = consumer.highwater(tps[tp])
-          watermark.on_empty_poll(tp, high is not None and position >= high
-                                  and _leader_reachable(consumer, tps[tp]))
+          watermark.on_empty_poll(tp, _caught_up(consumer, tps[tp]) and
+                                  _leader_reachable(consumer, tps[tp]))
       if not polled:
         tracker.defer_remainder(Duration.of(config.resume_delay_s))
         return

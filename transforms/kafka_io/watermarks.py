@@ -39,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from typing import Callable, Iterable, Optional
+from typing import Callable, Hashable, Iterable, Optional
 
 from apache_beam.io.iobase import WatermarkEstimator
 from apache_beam.utils.timestamp import MAX_TIMESTAMP, MIN_TIMESTAMP, Timestamp
@@ -106,7 +106,8 @@ class PeerWatermarks:
   def _entries(self) -> dict[tuple[str, int], list]:
     return self._by_reader.setdefault(self._reader_id, {})
 
-  def register(self, partitions: Iterable[tuple[str, int]]) -> None:
+  def register(self, partitions: Iterable[Hashable]) -> None:
+    """Counts these reads (their keys: a group's partitions) from now."""
     now = self._clock()
     with self._lock:
       entries = self._entries()
@@ -141,19 +142,18 @@ class PartitionWatermarkEstimator(WatermarkEstimator):
 
   The SDK calls ``observe_timestamp`` with the timestamp of every record the
   reader outputs; the reader calls ``on_empty_poll`` when a poll returned
-  nothing. The reported watermark is min(own, ``peers``) and never goes
-  back. State (carried across checkpoints): ``(partition, watermark_micros,
-  max_event_micros, last_activity_wall_s, reported_micros)``.
+  nothing for the partition. It never goes back. The read reports it through
+  a ``GroupWatermarkEstimator`` (with the read's other partitions and its
+  peers). State (carried across checkpoints): ``(partition,
+  watermark_micros, max_event_micros, last_activity_wall_s)``.
   """
 
   def __init__(self, state: tuple | None, policy: WatermarkPolicy,
-               peers: Optional[PeerWatermarks] = None,
                clock: Callable[[], float] = time.time):
     self._policy = policy
-    self._peers = peers
     self._clock = clock
-    (self._partition, self._watermark, self._max_event, self._last_activity,
-     self._reported) = state or (None, None, None, None, None)
+    (self._partition, self._watermark, self._max_event,
+     self._last_activity) = state or (None, None, None, None)
     if self._last_activity is None:
       self._last_activity = clock()
     self._bound_micros = int(policy.max_out_of_orderness_s * 1e6)
@@ -162,7 +162,7 @@ class PartitionWatermarkEstimator(WatermarkEstimator):
 
   @staticmethod
   def initial_state(partition: tuple[str, int]) -> tuple:
-    return (partition, None, None, None, None)
+    return (partition, None, None, None)
 
   def begin_batch(self) -> None:
     """The reader got records: read the clock once for all of them."""
@@ -190,11 +190,6 @@ class PartitionWatermarkEstimator(WatermarkEstimator):
     if idle_timeout is not None and now - self._last_activity >= idle_timeout:
       self._advance(int(now * 1e6) - self._bound_micros)
 
-  def begin_read(self) -> None:
-    """The reader starts a bundle of this partition (see PeerWatermarks)."""
-    if self._peers is not None and self._partition is not None:
-      self._peers.resume(self._partition)
-
   def take_future_events(self) -> int:
     """How many observed event times were too far ahead (then resets)."""
     count, self._future_events = self._future_events, 0
@@ -208,26 +203,17 @@ class PartitionWatermarkEstimator(WatermarkEstimator):
     if self._watermark is None or micros > self._watermark:
       self._watermark = micros
 
-  def own_watermark(self) -> Timestamp:
-    """This partition's watermark alone (max event time - bound, or idle)."""
+  def current_watermark(self) -> Timestamp:
+    """Max event time - bound, or the idle advance; never goes back."""
     if self._max_event is not None:
       self._advance(self._max_event - self._bound_micros)
     return Timestamp(micros=max(self._watermark or MIN_TIMESTAMP.micros,
                                 MIN_TIMESTAMP.micros))
 
-  def current_watermark(self) -> Timestamp:
-    candidate = self.own_watermark().micros
-    if self._peers is not None and self._partition is not None:
-      candidate = min(candidate,
-                      self._peers.report(self._partition, candidate))
-    if self._reported is None or candidate > self._reported:
-      self._reported = candidate
-    return Timestamp(micros=self._reported)
-
   def get_estimator_state(self) -> tuple:
     self.current_watermark()
     return (self._partition, self._watermark, self._max_event,
-            self._last_activity, self._reported)
+            self._last_activity)
 
 
 class GroupWatermarkEstimator(WatermarkEstimator):
@@ -246,7 +232,7 @@ class GroupWatermarkEstimator(WatermarkEstimator):
                clock: Callable[[], float] = time.time):
     self._key, partition_states, self._reported = state
     self._parts = {partition_state[0]: PartitionWatermarkEstimator(
-        partition_state, policy, None, clock)
+        partition_state, policy, clock)
                    for partition_state in partition_states}
     self._peers = peers
     self._current = next(iter(self._parts.values()))
@@ -279,9 +265,12 @@ class GroupWatermarkEstimator(WatermarkEstimator):
   def take_future_events(self) -> int:
     return sum(part.take_future_events() for part in self._parts.values())
 
+  def own_watermark(self) -> Timestamp:
+    """The slowest of the group's partitions, without the peers."""
+    return min(part.current_watermark() for part in self._parts.values())
+
   def current_watermark(self) -> Timestamp:
-    candidate = min(part.own_watermark().micros
-                    for part in self._parts.values())
+    candidate = self.own_watermark().micros
     if self._peers is not None:
       candidate = min(candidate, self._peers.report(self._key, candidate))
     if self._reported is None or candidate > self._reported:
