@@ -17,12 +17,16 @@ prism       ``--runner=PrismRunner --prism_location=<cached launcher>
             --environment_type=LOOPBACK``; the binary is built once with
             ``go install`` at the Beam pin, and started by a launcher that
             stops it when this process dies (``runners.prism``)
-flink       ``--runner=FlinkRunner --flink_version=1.19
+flink       ``--runner=runners.flink.runner.FlinkRunner --flink_version=1.19
             --flink_master=[local] --environment_type=LOOPBACK
-            --flink_job_server_jar=<cached launcher jar>``: Beam's Flink job
-            server 2.62 assembled from Maven (``runners.flink`` says why not
-            2.77); for a cluster give ``--flink_master=HOST:PORT``
-            (``python -m runners.flink up`` prints one). A streaming job also
+            --flink_job_server_jar=<cached launcher jar>
+            --job_name=rtml-<random>``: Beam's FlinkRunner, whose cancel also
+            ends the Flink job (``runners.flink.runner``), and Beam's Flink
+            job server 2.62 assembled from Maven (``runners.flink`` says why
+            not 2.77); for a cluster give ``--flink_master=HOST:PORT``
+            (``python -m runners.flink up`` prints one). The embedded cluster
+            gets a ``--flink_conf_dir`` of its own (its REST port, a restored
+            checkpoint). A streaming job also
             gets checkpoints every 10 s, kept in a directory per job
             (``runners.flink.checkpoints``). LOOPBACK runs the
             Python workers inside the submitting process, which the task
@@ -65,6 +69,7 @@ from __future__ import annotations
 
 import logging
 import re
+import uuid
 from typing import Callable
 
 from runners.tools import REPO_ROOT, RUN_DIR, RunnerSetupError
@@ -73,6 +78,7 @@ ALIASES = ('direct', 'prism', 'flink', 'dataflow')
 EMBEDDED_STREAMING_RUNNER = 'prism'
 OFFLINE_DATAFLOW_RUNNER = 'runners.dataflow.OfflineDataflowRunner'
 LOCAL_BATCH_RUNNER = 'runners.direct.LocalBatchRunner'
+FLINK_RUNNER = 'runners.flink.runner.FlinkRunner'
 # Beam's check for a GCS path (PipelineOptionsValidator.GCS_URI/GCS_BUCKET).
 _LOGGER = logging.getLogger(__name__)
 _GCS_PATH = re.compile(r'^gs://[a-z0-9][-_a-z0-9.]+[a-z0-9](/.*)?$')
@@ -142,7 +148,9 @@ FLINK_STREAMING_BUNDLE_MS = 20
 
 def _flink(argv: list[str], streaming: bool = False) -> list[str]:
   from runners import flink
-  argv = set_flag(argv, 'runner', 'FlinkRunner')
+  # Beam's FlinkRunner, whose cancel() also ends the Flink job
+  # (runners.flink.runner says why Beam's does not).
+  argv = set_flag(argv, 'runner', FLINK_RUNNER)
   if streaming:
     argv = _flink_checkpoints(argv)
     # Flink ends a bundle of the Python stage after this long (default
@@ -153,8 +161,21 @@ def _flink(argv: list[str], streaming: bool = False) -> list[str]:
                        str(FLINK_STREAMING_BUNDLE_MS))
   argv = set_default(argv, 'flink_version', flink.versions().flink_minor)
   argv = set_default(argv, 'flink_master', '[local]')
-  if streaming:
-    argv = _flink_restore(argv)
+  savepoint = (_flink_restore(argv) if streaming else
+               get_flag(argv, 'savepoint_path'))
+  argv = _drop(argv, 'savepoint_path')
+  if get_flag(argv, 'flink_master') == '[local]':
+    # The embedded cluster ignores --savepoint_path, and its REST endpoint
+    # (where a cancel reaches the job) is on a port of its own choosing: a
+    # flink-conf.yaml of this run says both.
+    from runners.flink.runner import local_conf
+    conf = local_conf(get_flag(argv, 'flink_conf_dir'), savepoint)
+    argv = set_flag(argv, 'flink_conf_dir', str(conf))
+  if savepoint:
+    argv = argv + [f'--savepoint_path={savepoint}']
+  # After the checkpoint directory was chosen (by --job_name or --group_id):
+  # the name a cancel finds the job by on a cluster.
+  argv = set_default(argv, 'job_name', f'rtml-{uuid.uuid4().hex[:12]}')
   argv = set_default(argv, 'environment_type', 'LOOPBACK')
   if not has_flag(argv, 'flink_job_server_jar'):
     jar = flink.ensure_job_server_jar(get_flag(argv, 'flink_version'))
@@ -182,28 +203,21 @@ def _flink_checkpoints(argv: list[str]) -> list[str]:
   return argv
 
 
-def _flink_restore(argv: list[str]) -> list[str]:
-  """``--savepoint_path``: ``latest`` resolved to the job's newest complete
-  checkpoint, and made to work on the embedded cluster
-  (``runners.flink.checkpoints``)."""
+def _flink_restore(argv: list[str]) -> str | None:
+  """The checkpoint or savepoint to start from: ``--savepoint_path``, with
+  ``latest`` resolved to the job's newest complete checkpoint
+  (``runners.flink.checkpoints``); None for a fresh start."""
   from runners.flink import checkpoints
   savepoint = get_flag(argv, 'savepoint_path')
   if savepoint == checkpoints.LATEST:
     storage = get_flag(argv, 'state_backend_storage_path')
     savepoint = checkpoints.latest_checkpoint(storage) if storage else None
-    argv = _drop(argv, 'savepoint_path')
     if savepoint is None:
       _LOGGER.info('--savepoint_path=latest: no complete checkpoint under %s '
                    'yet; starting afresh', storage)
-      return argv
+      return None
     _LOGGER.info('Restoring the job from its newest checkpoint %s', savepoint)
-    argv = argv + [f'--savepoint_path={savepoint}']
-  if savepoint and get_flag(argv, 'flink_master') == '[local]':
-    job = get_flag(argv, 'job_name') or get_flag(argv, 'group_id')
-    conf = checkpoints.local_restore_conf(savepoint, job,
-                                          get_flag(argv, 'flink_conf_dir'))
-    argv = set_flag(argv, 'flink_conf_dir', str(conf))
-  return argv
+  return savepoint
 
 
 def _dataflow(argv: list[str]) -> list[str]:

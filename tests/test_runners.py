@@ -18,6 +18,7 @@ import csv
 import glob
 import json
 import os
+import re
 import time
 import pathlib
 import uuid
@@ -28,6 +29,7 @@ from apache_beam.utils.windowed_value import PaneInfoTiming
 import pytest
 from apache_beam.options.pipeline_options import (DebugOptions,
                                                   FlinkRunnerOptions,
+                                                  GoogleCloudOptions,
                                                   PipelineOptions,
                                                   PortableOptions,
                                                   PrismRunnerOptions,
@@ -156,7 +158,8 @@ def test_flink_defaults_to_an_embedded_cluster_in_loopback():
   argv = resolve(['--runner', 'flink', '--flink_job_server_jar', '/j.jar'])
   options = PipelineOptions(argv)
   flink_options = options.view_as(FlinkRunnerOptions)
-  assert options.view_as(StandardOptions).runner == 'FlinkRunner'
+  assert options.view_as(StandardOptions).runner == (
+      'runners.flink.runner.FlinkRunner')
   assert flink_options.flink_master == '[local]'
   assert flink_options.flink_version == flink.versions().flink_minor
   assert flink_options.flink_job_server_jar == '/j.jar'
@@ -187,8 +190,8 @@ def test_flink_streaming_jobs_checkpoint_into_a_directory_per_job():
 
 
 def test_flink_restores_the_newest_complete_checkpoint(tmp_path, monkeypatch):
-  from runners.flink import checkpoints
-  monkeypatch.setattr(checkpoints, 'RUN_DIR', tmp_path / 'run')
+  from runners.flink import checkpoints, runner
+  monkeypatch.setattr(runner, 'CONF_ROOT', tmp_path / 'conf')
   storage = tmp_path / 'ckpt'
   # Two runs of the job (Flink job ids); the newest complete one wins.
   for job, name, complete, age in (('a1b2', 'chk-10', True, 300),
@@ -207,7 +210,7 @@ def test_flink_restores_the_newest_complete_checkpoint(tmp_path, monkeypatch):
   assert get_flag(argv, 'savepoint_path') == restored
   # The embedded cluster ignores --savepoint_path: a Flink conf says it.
   conf = pathlib.Path(get_flag(argv, 'flink_conf_dir')) / 'flink-conf.yaml'
-  assert conf.read_text() == f'execution.savepoint.path: {restored}\n'
+  assert f'execution.savepoint.path: {restored}\n' in conf.read_text()
   # A cluster takes --savepoint_path itself.
   argv = resolve(flags + ['--flink_master', 'h:8081'], streaming=True)
   assert get_flag(argv, 'savepoint_path') == restored
@@ -216,9 +219,42 @@ def test_flink_restores_the_newest_complete_checkpoint(tmp_path, monkeypatch):
   argv = resolve(flags[:-3] + [(tmp_path / 'none').as_uri(),
                                '--savepoint_path', 'latest'], streaming=True)
   assert not has_flag(argv, 'savepoint_path')
-  assert not has_flag(argv, 'flink_conf_dir')
+  conf = pathlib.Path(get_flag(argv, 'flink_conf_dir')) / 'flink-conf.yaml'
+  assert 'execution.savepoint.path' not in conf.read_text()
   with pytest.raises(ValueError, match='local file system'):
     checkpoints.latest_checkpoint('gs://bucket/ckpt')
+
+
+def test_embedded_flink_gets_a_rest_port_and_every_run_a_job_name(
+    tmp_path, monkeypatch):
+  from runners.flink import runner
+  monkeypatch.setattr(runner, 'CONF_ROOT', tmp_path / 'conf')
+  users = tmp_path / 'users'
+  users.mkdir()
+  (users / 'flink-conf.yaml').write_text('taskmanager.numberOfTaskSlots: 2\n')
+  (users / 'log4j.properties').write_text('rootLogger.level = WARN\n')
+  flags = ['--runner', 'flink', '--flink_job_server_jar', '/j.jar']
+  runs = [resolve(flags + ['--flink_conf_dir', str(users)]), resolve(flags)]
+  options = [PipelineOptions(argv) for argv in runs]
+  addresses = [runner.rest_address(o) for o in options]
+  assert all(re.fullmatch(r'http://127\.0\.0\.1:\d+', a) for a in addresses)
+  assert addresses[0] != addresses[1]  # each run its own embedded cluster
+  first = pathlib.Path(get_flag(runs[0], 'flink_conf_dir'))
+  # The user's configuration is kept, in a copy.
+  assert 'taskmanager.numberOfTaskSlots: 2\n' in (
+      first / 'flink-conf.yaml').read_text()
+  assert (first / 'log4j.properties').read_text() == (
+      'rootLogger.level = WARN\n')
+  assert (users / 'flink-conf.yaml').read_text() == (
+      'taskmanager.numberOfTaskSlots: 2\n')
+  names = [o.view_as(GoogleCloudOptions).job_name for o in options]
+  assert all(n.startswith('rtml-') for n in names) and names[0] != names[1]
+  # A cluster's address is the master's; a given job name is kept.
+  argv = resolve(flags + ['--flink_master', '127.0.0.1:8081',
+                          '--job_name', 'serve-taxi'])
+  assert runner.rest_address(PipelineOptions(argv)) == 'http://127.0.0.1:8081'
+  assert get_flag(argv, 'job_name') == 'serve-taxi'
+  assert not has_flag(argv, 'flink_conf_dir')
 
 
 def test_flink_keeps_a_cluster_address_and_environment():
@@ -463,6 +499,34 @@ def test_flink_cluster_runs_a_job(flink_cluster):
   assert flink_cluster.overview()['jobs-finished'] >= 1
 
 
+@_HARNESS_HANG_UP
+def test_a_cancelled_streaming_job_ends_on_the_flink_cluster(
+    flink_cluster, flink_job_servers):
+  """Beam's job server reports CANCELLED at once and leaves the Flink job
+  running (after this process it would restart forever); our runner's
+  cancel ends it in Flink."""
+  argv = resolve(['--runner', 'flink', '--flink_master',
+                  flink_cluster.address, '--streaming'], streaming=True)
+  name = get_flag(argv, 'job_name')
+  pipeline = beam.Pipeline(options=PipelineOptions(argv))
+  _ = (pipeline | PeriodicImpulse(fire_interval=0.2)
+       | beam.Map(lambda t: t))
+  result = pipeline.run()
+
+  def states():
+    return [job['state'] for job in (flink_cluster.rest('/jobs/overview') or
+                                     {}).get('jobs', [])
+            if job['name'] == name]
+
+  deadline = time.monotonic() + 120
+  while states() != ['RUNNING'] and time.monotonic() < deadline:
+    time.sleep(0.5)
+  assert states() == ['RUNNING']
+  result.cancel()
+  assert result.state == 'CANCELLED'
+  assert states() == ['CANCELED']
+
+
 def test_flink_cluster_batch_output_equals_direct_runner(
     oracle, flink_cluster, flink_job_servers, tmp_path):
   finished = flink_cluster.overview()['jobs-finished']
@@ -567,10 +631,15 @@ def test_flink_streaming_serving_on_kafka_equals_batch_predictions(
     dead_letters.until(1, 30)
     predictions.until(len(events) + 1, 3)  # a duplicate would show up now
     assert result.state == 'RUNNING'
+    # The embedded cluster's REST API, where the cancel below goes.
+    assert [job['state'] for job in result.flink_job.jobs()] == ['RUNNING']
   finally:
     result.cancel()
     predictions.close()
     dead_letters.close()
+  # Ended in Flink too, not only in the job server's answer (the embedded
+  # cluster shuts down with its one job).
+  assert result.flink_job.jobs() is None
 
   got = predictions.items
   assert sorted(p['event_id'] for p in got) == sorted(e for e, _ in events)

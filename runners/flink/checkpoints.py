@@ -28,8 +28,8 @@ job starts afresh, with a log line). Beam's job server (2.62) applies
 ``--savepoint_path`` only when it submits to a cluster; for the embedded
 cluster (``--flink_master=[local]``) it ignores it, so ``runners.options``
 writes a ``flink-conf.yaml`` with ``execution.savepoint.path``
-(``local_restore_conf``) and passes its directory as ``--flink_conf_dir``,
-which the embedded environment reads.
+(``runners.flink.runner.local_conf``) and passes its directory as
+``--flink_conf_dir``, which the embedded environment reads.
 
 What was measured (README, "Reliability"): serving killed with its whole
 process group on Flink loses nothing (the group's offsets are committed
@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import pathlib
 import re
-import shutil
 import urllib.parse
 from typing import Optional
 
@@ -117,25 +116,6 @@ def latest_checkpoint(storage_path: str) -> Optional[str]:
   newest = max(done, key=lambda d: (d.stat().st_mtime,
                                     int(d.name.split('-')[1])))
   return newest.resolve().as_uri()
-
-
-def local_restore_conf(savepoint: str, job: Optional[str],
-                       conf_dir: Optional[str] = None) -> pathlib.Path:
-  """A Flink configuration directory whose ``flink-conf.yaml`` restores the
-  embedded cluster's job from ``savepoint``: a copy of ``conf_dir`` (every
-  file) when one was given, with that one setting added; returns it."""
-  out = RUN_DIR / 'flink-conf' / job_dir(job).name
-  shutil.rmtree(out, ignore_errors=True)
-  if conf_dir:
-    shutil.copytree(conf_dir, out)
-  out.mkdir(parents=True, exist_ok=True)
-  conf = out / 'flink-conf.yaml'
-  lines = [line for line in (conf.read_text().splitlines()
-                             if conf.is_file() else [])
-           if not line.startswith('execution.savepoint.path')]
-  conf.write_text(''.join(f'{line}\n' for line in lines) +
-                  f'execution.savepoint.path: {savepoint}\n')
-  return out
 
 
 def _local_path(uri: str) -> str:
