@@ -105,6 +105,8 @@ def resolve(argv: list[str] | None, streaming: bool = False) -> list[str]:
     RunnerOptionsError: required flags are missing or inconsistent.
     RunnerSetupError: a tool (Go, Java, Maven) or artifact is missing.
   """
+  from runners import sdk_worker
+  sdk_worker.tune()  # the workers run in this process (runners.sdk_worker)
   argv = _normalize(list(argv or []))
   runner = get_flag(argv, 'runner')
   if runner is None:

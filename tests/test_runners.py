@@ -770,3 +770,20 @@ def test_every_jobs_flags_parse_together():
                              '--min_auc', '0.7']).get_all_options()
   assert (options['size'], options['alerts_topic'], options['min_auc']) == (
       60.0, 'a', 0.7)
+
+
+def test_resolve_makes_this_processs_workers_sample_every_10_ms():
+  """The workers run in this process; a bundle's end waits for the state
+  sampler to wake (runners.sdk_worker)."""
+  from apache_beam.runners.worker import statesampler
+  from apache_beam.utils.counters import CounterFactory
+  from runners import sdk_worker
+  resolve(['--runner', 'prism'])
+  sampler = statesampler.StateSampler('s', CounterFactory())
+  assert sampler.sampling_period_ms == sdk_worker.SAMPLING_PERIOD_MS == 10
+  # Still Beam's sampler, and tuning twice wraps it once.
+  assert isinstance(sampler, statesampler.statesampler_impl.StateSampler)
+  sdk_worker.tune()
+  assert statesampler.StateSampler.__mro__[1].__name__ == 'StateSampler'
+  assert not getattr(statesampler.StateSampler.__mro__[1], 'rtml_tuned',
+                     False)
