@@ -106,7 +106,8 @@ def resolve(argv: list[str] | None, streaming: bool = False) -> list[str]:
     RunnerSetupError: a tool (Go, Java, Maven) or artifact is missing.
   """
   from runners import sdk_worker
-  sdk_worker.tune()  # the workers run in this process (runners.sdk_worker)
+  # LOOPBACK and in-process workers run in this process (runners.sdk_worker).
+  sdk_worker.tune()
   argv = _normalize(list(argv or []))
   runner = get_flag(argv, 'runner')
   if runner is None:
