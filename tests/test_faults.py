@@ -35,6 +35,7 @@ from kafka import KafkaProducer
 from pipelines import analytics
 from pipelines import serve
 from tests import poison
+from tests.conditions import wait_for
 from tests.taxi import TAXI
 from tests.topics import every, TopicReader
 from tools import replay
@@ -366,18 +367,6 @@ def test_serve_killed_mid_stream_and_restarted_loses_nothing(
     assert sum(letters.values()) == len(bad)
 
 
-
-def _wait_for(condition, timeout_s: float, what: str, poll_s: float = 1.0):
-  """Polls ``condition()`` until truthy; returns it or fails naming what."""
-  deadline = time.monotonic() + timeout_s
-  while time.monotonic() < deadline:
-    value = condition()
-    if value:
-      return value
-    time.sleep(poll_s)
-  pytest.fail(f'no {what} within {timeout_s:.0f} s')
-
-
 def _running_flink_jobs(cluster, n: int) -> list[str]:
   """The ids of the cluster's running jobs, once there are ``n``."""
 
@@ -386,7 +375,7 @@ def _running_flink_jobs(cluster, n: int) -> list[str]:
     ids = [j['jid'] for j in jobs if j['state'] == 'RUNNING']
     return ids if len(ids) >= n else None
 
-  return _wait_for(running, 300, f'{n} running Flink jobs')
+  return wait_for(running, 300, f'{n} running Flink jobs')
 
 
 def _job_taskmanagers(cluster, job_id: str) -> set[str]:
@@ -499,10 +488,10 @@ def test_analytics_on_flink_killed_and_restored_from_its_checkpoint(
   try:
     # Events flow once the job runs (its first checkpoint), so that the
     # kill, at half of them, is mid-stream however long Flink took to start.
-    _wait_for(lambda: checkpoints.latest_checkpoint(storage), 300,
+    wait_for(lambda: checkpoints.latest_checkpoint(storage), 300,
               'the first checkpoint', 0.5)
     flowing.start()
-    _wait_for(lambda: len(sent) >= 150, 60, '150 events sent', 0.2)
+    wait_for(lambda: len(sent) >= 150, 60, '150 events sent', 0.2)
     _kill_group(job)
     sent_at_kill = len(sent)
     before = _counted(stats.until(10**9, 2)) + len(late.items)
@@ -568,19 +557,19 @@ def test_flink_cluster_loses_a_taskmanager_and_its_jobs_lose_nothing(
       # Events flow once both jobs checkpoint, so that the kill, after 100
       # predictions, is mid-stream however long the jobs took to start.
       for job_id in job_ids:
-        _wait_for(lambda: _checkpoints(cluster, job_id).get('counts', {}).get(
+        wait_for(lambda: _checkpoints(cluster, job_id).get('counts', {}).get(
             'completed'), 120, 'completed checkpoint')
       for flow in flows:
         flow.start()
       predictions.until(100, 300)
-      _wait_for(lambda: len(sent) >= 100, 60, '100 events sent', 0.2)
+      wait_for(lambda: len(sent) >= 100, 60, '100 events sent', 0.2)
       # Each job's subtasks on both machines: losing one hits both jobs.
       for job_id in job_ids:
         assert _job_taskmanagers(cluster, job_id) == {
             'taskmanager', 'taskmanager-2'}, job_id
       sent_at_kill = len(sent)
       cluster.kill_taskmanager('taskmanager-2')
-      restored = [_wait_for(lambda: (_checkpoints(cluster, job_id).get(
+      restored = [wait_for(lambda: (_checkpoints(cluster, job_id).get(
           'latest') or {}).get('restored'), 180, 'restore from a checkpoint')
                   for job_id in job_ids]
       for flow in flows:

@@ -45,6 +45,7 @@ from runners import flink, prism
 from runners import options as runner_options
 from runners.options import RunnerOptionsError, get_flag, has_flag, resolve
 from runners.tools import REPO_ROOT, RunnerSetupError
+from tests.conditions import wait_for
 from tests.flink_jobs import HARNESS_HANG_UP as _HARNESS_HANG_UP
 from tests.flink_jobs import stopping_job_servers as _stopping_flink_job_servers
 from tests.topics import TopicReader
@@ -518,10 +519,7 @@ def test_a_cancelled_streaming_job_ends_on_the_flink_cluster(
                                      {}).get('jobs', [])
             if job['name'] == name]
 
-  deadline = time.monotonic() + 120
-  while states() != ['RUNNING'] and time.monotonic() < deadline:
-    time.sleep(0.5)
-  assert states() == ['RUNNING']
+  wait_for(lambda: states() == ['RUNNING'], 120, 'running Flink job', 0.5)
   result.cancel()
   assert result.state == 'CANCELLED'
   assert states() == ['CANCELED']

@@ -433,10 +433,8 @@ class FlinkCluster:
     """GET ``path`` of the REST API (``/overview``, ``/jobs/overview``,
     ``/jobs/<id>/checkpoints``...) as JSON; None if it does not answer."""
     try:
-      with urllib.request.urlopen(f'http://{self.address}{path}',
-                                  timeout=timeout) as resp:
-        return json.load(resp)
-    except (urllib.error.URLError, OSError, ValueError):
+      return rest(self.address, path, timeout=timeout)
+    except REST_ERRORS:
       return None
 
   def _overview(self) -> dict[str, Any] | None:
@@ -562,6 +560,21 @@ class FlinkCluster:
   def __exit__(self, *exc) -> None:
     if not self.keep:
       self.stop()
+
+
+REST_ERRORS = (urllib.error.URLError, OSError, ValueError)
+
+
+def rest(address: str, path: str, method: str = 'GET',
+         timeout: float = 5.0) -> Any:
+  """``method`` on ``path`` of the Flink REST API at ``address``
+  (``host:port`` or ``http://host:port``): its JSON answer, {} when empty.
+  Raises one of ``REST_ERRORS`` when Flink does not answer or refuses."""
+  base = address if re.match('^https?://', address) else f'http://{address}'
+  request = urllib.request.Request(f'{base}{path}', method=method)
+  with urllib.request.urlopen(request, timeout=timeout) as resp:
+    body = resp.read()
+  return json.loads(body) if body else {}
 
 
 def _terminate(pid: int, timeout: float) -> None:

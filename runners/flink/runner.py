@@ -24,15 +24,12 @@ exits (Ctrl-C, an exception) is cancelled the same way.
 from __future__ import annotations
 
 import atexit
-import json
 import logging
 import pathlib
 import re
 import tempfile
 import time
-import urllib.error
-import urllib.request
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from apache_beam.options.pipeline_options import (FlinkRunnerOptions,
                                                   GoogleCloudOptions,
@@ -40,12 +37,12 @@ from apache_beam.options.pipeline_options import (FlinkRunnerOptions,
 from apache_beam.runners.portability import flink_runner
 from apache_beam.runners.runner import PipelineResult, PipelineState
 
+from runners.flink import HOST, REST_ERRORS, rest
 from runners.flink.checkpoints import FlinkCheckpointOptions
 from runners.tools import RUN_DIR, free_port
 
 _LOGGER = logging.getLogger(__name__)
 
-HOST = '127.0.0.1'
 CONF_ROOT = RUN_DIR / 'flink-conf'
 # Flink's job states that end a job (JobStatus.isGloballyTerminalState).
 FLINK_ENDED = ('FINISHED', 'CANCELED', 'FAILED')
@@ -121,29 +118,22 @@ class FlinkJob:
     self.name = name
     self.embedded = embedded
 
-  def _call(self, path: str, method: str = 'GET', timeout: float = 5.0):
-    request = urllib.request.Request(f'{self.rest}{path}', method=method)
-    with urllib.request.urlopen(request, timeout=timeout) as resp:
-      body = resp.read()
-    return json.loads(body) if body else {}
-
   def jobs(self) -> Optional[list[dict[str, Any]]]:
     """This job's Flink jobs (id, name, state); None when the REST API does
     not answer (the embedded cluster shuts down with its job)."""
     try:
-      listing = self._call('/jobs/overview').get('jobs', [])
-    except (urllib.error.URLError, OSError, ValueError):
+      listing = rest(self.rest, '/jobs/overview').get('jobs', [])
+    except REST_ERRORS:
       return None
     # The embedded cluster runs this job only; a cluster, many.
     return [job for job in listing
             if self.embedded or job.get('name') == self.name]
 
-  def cancel(self, timeout_s: float = 120.0,
-             clock: Callable[[], float] = time.monotonic) -> str:
+  def cancel(self, timeout_s: float = 120.0) -> str:
     """Cancels every running Flink job of this Beam job and waits until
     Flink reports each one ended (or ``timeout_s`` passes). Returns what it
     saw: "cancelled", "ended" (nothing was running) or "still running"."""
-    started = clock()
+    started = time.monotonic()
     cancelled, quiet_polls, last_line = set(), 0, started
     while True:
       jobs = self.jobs()
@@ -159,8 +149,8 @@ class FlinkJob:
           _LOGGER.info('Cancelling Flink job %s (%s, %s)', job['jid'],
                        job.get('name'), job.get('state'))
           try:
-            self._call(f'/jobs/{job["jid"]}?mode=cancel', method='PATCH')
-          except (urllib.error.URLError, OSError, ValueError) as e:
+            rest(self.rest, f'/jobs/{job["jid"]}?mode=cancel', method='PATCH')
+          except REST_ERRORS as e:
             _LOGGER.warning('Cancelling Flink job %s failed: %r; retrying',
                             job['jid'], e)
             continue
@@ -170,7 +160,7 @@ class FlinkJob:
       quiet_polls = 0 if running else quiet_polls + 1
       if quiet_polls >= 2:
         return 'cancelled' if cancelled else 'ended'
-      now = clock()
+      now = time.monotonic()
       if now - started > timeout_s:
         _LOGGER.warning('Flink job %s still %s after %.0f s', self.name,
                         [job.get('state') for job in running], timeout_s)
@@ -187,7 +177,8 @@ class FlinkJobResult(PipelineResult):
 
   def __init__(self, result: PipelineResult, flink_job: Optional[FlinkJob],
                loopback: bool):
-    super().__init__(result.state)
+    # The state is always the wrapped result's (``state`` below).
+    super().__init__(PipelineState.UNKNOWN)
     self._result = result
     self.flink_job = flink_job
     self._cancelled = False
