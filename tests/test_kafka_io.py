@@ -208,6 +208,33 @@ def test_a_group_watermark_is_its_slowest_partition():
   assert resumed.current_watermark() == Timestamp.of(490)
 
 
+@pytest.mark.parametrize('runner, given, finalizes', [
+    ('PrismRunner', None, True),
+    ('runners.flink.runner.FlinkRunner', None, False),
+    ('runners.flink.runner.FlinkRunner', True, True),
+    ('PrismRunner', False, False)])
+def test_offsets_are_committed_in_bundle_finalization_except_on_flink(
+    runner, given, finalizes):
+  # Flink finalizes a bundle only at its next checkpoint, and until then the
+  # Python worker sets up new DoFns (a new consumer) for every bundle.
+  from apache_beam.runners.common import DoFnSignature
+  pipeline = beam.Pipeline(options=PipelineOptions([f'--runner={runner}']))
+  _ = pipeline | kafka_io.ReadFromKafka(
+      '127.0.0.1:9', 'events', group_id='g', commit_in_finalize=given)
+  readers = []
+
+  class Readers(beam.pipeline.PipelineVisitor):
+
+    def visit_transform(self, node):
+      if node.full_label.endswith('ReadPartitions'):
+        readers.append(node.transform.fn)
+
+  pipeline.visit(Readers())
+  reader, = readers
+  assert DoFnSignature(reader).has_bundle_finalization() == finalizes
+  assert DoFnSignature(reader).is_splittable_dofn()
+
+
 def test_event_time_from_json_field_or_none():
   def rec(value: bytes) -> kafka_io.KafkaRecord:
     return kafka_io.KafkaRecord('t', 0, 0, None, value, 5000)
@@ -297,13 +324,17 @@ def test_bounded_read_returns_exactly_the_records_produced(
       yield (r.topic, r.partition, r.offset, r.key, r.value, r.timestamp_ms,
              int(ts.micros // 1_000_000))
 
-  with beam.Pipeline(options=direct_options()) as p:
-    got = (p
-           | 'ReadTrips' >> kafka_io.ReadFromKafka(
-               kafka_bootstrap, topic, bounded=True, readers=readers,
-               event_time=EVENT_TIME_KEY)
-           | 'AttachTimestamp' >> beam.ParDo(WithTimestamp()))
-    assert_that(got, equal_to(expected))
+  p = beam.Pipeline(options=direct_options())
+  got = (p
+         | 'ReadTrips' >> kafka_io.ReadFromKafka(
+             kafka_bootstrap, topic, bounded=True, readers=readers,
+             event_time=EVENT_TIME_KEY)
+         | 'AttachTimestamp' >> beam.ParDo(WithTimestamp()))
+  assert_that(got, equal_to(expected))
+  result = p.run()
+  assert result.wait_until_finish() == 'DONE'
+  # One consumer per restriction, kept across its bundles.
+  assert counter(result, 'consumers_opened') == {None: 3, 1: 1, 2: 2}[readers]
 
 
 def test_bounded_read_between_offsets_and_timestamps(kafka_bootstrap,

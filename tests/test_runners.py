@@ -182,12 +182,19 @@ def test_flink_streaming_jobs_checkpoint_into_a_directory_per_job():
   # What the Python FlinkRunner sends the job server: declared flags only.
   sent = PipelineOptions(argv).get_all_options(drop_default=True)
   assert sent['checkpointing_interval'] == checkpoints.DEFAULT_INTERVAL_MS
+  # The job server flushes data to the workers every 5 ms.
+  assert 'data_buffer_time_limit_ms=5' in sent['experiments']
   # The user's choice wins; batch jobs get none of it.
   argv = resolve(['--runner', 'flink', '--flink_job_server_jar', '/j.jar',
-                  '--checkpointing_interval', '-1'], streaming=True)
+                  '--checkpointing_interval', '-1',
+                  '--experiments=data_buffer_time_limit_ms=50'],
+                 streaming=True)
   assert get_flag(argv, 'checkpointing_interval') == '-1'
-  assert not has_flag(resolve(['--runner', 'flink', '--flink_job_server_jar',
-                               '/j.jar']), 'checkpointing_interval')
+  assert PipelineOptions(argv).get_all_options()['experiments'] == [
+      'data_buffer_time_limit_ms=50']
+  batch = resolve(['--runner', 'flink', '--flink_job_server_jar', '/j.jar'])
+  assert not has_flag(batch, 'checkpointing_interval')
+  assert not PipelineOptions(batch).get_all_options()['experiments']
 
 
 def test_flink_restores_the_newest_complete_checkpoint(tmp_path, monkeypatch):

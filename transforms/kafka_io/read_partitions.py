@@ -94,6 +94,9 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider,
     self._commit_failures = Metrics.counter(ns, 'offset_commit_failures')
     self._unreachable = Metrics.counter(ns, 'broker_unreachable')
     self._resets = Metrics.counter(ns, 'offsets_reset')
+    # A reader keeps its consumers between bundles; a count growing with the
+    # bundles means the runner sets up new DoFns for each (reader.py).
+    self._opened = Metrics.counter(ns, 'consumers_opened')
     self._outage_since: dict[tuple, float] = {}
     self._consumers: dict[tuple, Any] = {}
     self._leftovers: dict[tuple, dict] = {}
@@ -163,6 +166,7 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider,
           defaults={'retry_backoff_ms': 20},
           group_id=None, auto_offset_reset='earliest',
           max_poll_records=self._config.max_poll_records)
+      self._opened.inc()
       self._consumers[key] = consumer
     if consumer.assignment() != set(tps.values()):
       consumer.assign(list(tps.values()))  # e.g. a partition of it finished
@@ -426,8 +430,9 @@ class _ReadUnboundedPartitionsFn(_ReadPartitionsFn):
     yield from self._read(element, tracker, watermark, None)
 
 
-# Only readers that commit offsets ask for bundle finalization: Prism sends a
-# FinalizeBundle for every bundle of a DoFn that declares it.
+# Only readers that commit offsets ask for bundle finalization (not on Flink:
+# ReadFromKafka's commit_in_finalize): Prism sends a FinalizeBundle for every
+# bundle of a DoFn that declares it.
 # The finalizer must precede the restriction and watermark parameters: the
 # SDK passes those two by keyword and the placeholders by position.
 

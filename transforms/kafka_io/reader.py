@@ -21,9 +21,10 @@ pipeline resumes from the group's committed offsets. An offset is committed
 only after the runner has committed the bundle that read the records before
 it: in a bundle-finalization callback (``DoFn.BundleFinalizerParam``; the
 FnApiRunner and Prism call it - tested - as does Dataflow) and, for runners
-that never finalize bundles (the Python BundleBasedDirectRunner), when a
-checkpointed partition is resumed (the residual only exists once the bundle
-before it is committed). This is at-least-once: records read after the last
+that never finalize bundles (the Python BundleBasedDirectRunner) or only at
+their next checkpoint (Flink, where no finalization callback is asked for),
+when a checkpointed partition is resumed (the residual only exists once the
+bundle before it is committed). This is at-least-once: records read after the last
 commit are read again after a restart (``tests/test_kafka_io.py`` kills a
 job with SIGKILL and checks none is lost). Records a runner holds in memory
 downstream (e.g. an unfired window on Prism or the DirectRunner) are only as
@@ -51,6 +52,7 @@ import apache_beam as beam
 from transforms.kafka_io.clients import DEFAULT_GIVE_UP_S
 from transforms.kafka_io.discovery import DiscoverPartitions, WatchPartitions
 from transforms.kafka_io.event_time import EventTimeFn
+from transforms.kafka_io.options import finalizes_promptly
 from transforms.kafka_io.partitions import _ReadConfig
 from transforms.kafka_io.read_partitions import (
     _CommittingReadPartitionsFn, _CommittingReadUnboundedPartitionsFn,
@@ -71,6 +73,11 @@ class ReadFromKafka(beam.PTransform):
     group_id: consumer group whose committed offsets are the start offsets
       and to which offsets are committed (see module docstring).
     commit_offsets: commit offsets to ``group_id`` as bundles complete.
+    commit_in_finalize: also commit them in a bundle-finalization callback
+      (not only when a partition resumes). None (default): unless the
+      pipeline runs on Flink, which finalizes bundles only at its next
+      checkpoint and meanwhile has the Python worker set up new DoFns (a new
+      consumer) for every bundle (``options.finalizes_promptly``).
     auto_offset_reset: 'earliest' or 'latest': where to start a partition
       with no explicit start and no committed offset.
     start_offsets: an offset for every partition, or {(topic, partition):
@@ -130,6 +137,7 @@ class ReadFromKafka(beam.PTransform):
       partitions: Optional[Sequence[tuple[str, int]]] = None,
       group_id: Optional[str] = None,
       commit_offsets: bool = True,
+      commit_in_finalize: Optional[bool] = None,
       auto_offset_reset: str = 'earliest',
       start_offsets: Union[int, Mapping[tuple[str, int], int], None] = None,
       start_timestamp_ms: Optional[int] = None,
@@ -190,15 +198,19 @@ class ReadFromKafka(beam.PTransform):
         give_up_s=give_up_s,
         partition_discovery_s=partition_discovery_s)
     self._decode = decode
+    self._commit_in_finalize = commit_in_finalize
 
   def expand(self, pbegin):
     config = self._config
+    finalize = self._commit_in_finalize
+    if finalize is None:
+      finalize = finalizes_promptly(pbegin.pipeline.options)
     reader_cls = {
         (True, False): _ReadPartitionsFn,
         (False, False): _ReadUnboundedPartitionsFn,
         (True, True): _CommittingReadPartitionsFn,
         (False, True): _CommittingReadUnboundedPartitionsFn,
-    }[(config.finite, config.commits)]
+    }[(config.finite, config.commits and finalize)]
     reader = reader_cls(config)
     discover = (WatchPartitions if config.watches_partitions
                 else DiscoverPartitions)
