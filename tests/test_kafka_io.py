@@ -235,6 +235,18 @@ def test_offsets_are_committed_in_bundle_finalization_except_on_flink(
   assert DoFnSignature(reader).is_splittable_dofn()
 
 
+@pytest.mark.parametrize('flags, expected', [
+    (['--runner=PrismRunner'], 1),
+    (['--runner=runners.flink.runner.FlinkRunner'], 1),
+    (['--runner=runners.flink.runner.FlinkRunner', '--parallelism=2'], 2),
+    (['--runner=DataflowRunner'], None),
+    (['--runner=PrismRunner', '--kafka_readers=0'], None),
+    (['--runner=DataflowRunner', '--kafka_readers=3'], 3)])
+def test_one_consumer_reads_every_partition_where_workers_run_in_one_place(
+    flags, expected):
+  assert kafka_io.readers(PipelineOptions(flags)) == expected
+
+
 def test_event_time_from_json_field_or_none():
   def rec(value: bytes) -> kafka_io.KafkaRecord:
     return kafka_io.KafkaRecord('t', 0, 0, None, value, 5000)
