@@ -16,19 +16,37 @@ benchmark's read stage had a p95 of 100-280 ms. Sampling every
 ``SAMPLING_PERIOD_MS`` bounds that wait; the sampler is C code that runs
 without the GIL, so waking more often costs next to nothing, and step
 timings are, if anything, finer.
+
+And one fix: a runner's request to split a running splittable DoFn (Prism
+asks when a bundle makes no visible progress, e.g. exactly-once serving's
+1 s bundles) failed in the worker with "cannot convert float NaN to
+integer", and Prism then failed the job (seen 2026-12-03 in
+``benchmarks/serve_bench.py --runners prism:exactly_once``, twice in two
+runs at 100 events/s). Beam measures an element's completed work as the
+bytes it output, elements x their mean sampled size
+(``SdfProcessSizedElements.current_element_progress``), and that mean is NaN
+until one output has been sampled. The split then treats the progress as
+unknown, as Beam does when a DoFn reports none (``DataInputOperation``).
 """
 
 from __future__ import annotations
 
+import math
+
 SAMPLING_PERIOD_MS = 10
+# DataInputOperation.try_split's progress for an element whose progress is
+# unknown.
+UNKNOWN_PROGRESS = 0.5
 
 
 def tune() -> None:
   """Makes this process's bundle processors sample (and so end) every
-  ``SAMPLING_PERIOD_MS``. Idempotent."""
+  ``SAMPLING_PERIOD_MS``, and their splits survive a NaN progress.
+  Idempotent."""
   from apache_beam.runners.worker import statesampler
   if getattr(statesampler.StateSampler, 'rtml_tuned', False):
     return
+  _split_with_unknown_progress()
   beams = statesampler.StateSampler
 
   class StateSampler(beams):
@@ -42,3 +60,18 @@ def tune() -> None:
   # bundle_processor looks the class up in the module at each new bundle
   # processor.
   statesampler.StateSampler = StateSampler
+
+
+def _split_with_unknown_progress() -> None:
+  """``DataInputOperation._compute_split`` with a NaN element progress taken
+  as unknown (see the module docstring)."""
+  from apache_beam.runners.worker import bundle_processor
+  operation = bundle_processor.DataInputOperation
+  compute_split = operation._compute_split  # pylint: disable=protected-access
+
+  def _compute_split(index, current_element_progress, *args, **kwargs):
+    if math.isnan(current_element_progress):
+      current_element_progress = UNKNOWN_PROGRESS
+    return compute_split(index, current_element_progress, *args, **kwargs)
+
+  operation._compute_split = staticmethod(_compute_split)

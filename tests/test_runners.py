@@ -792,3 +792,25 @@ def test_resolve_makes_this_processs_workers_sample_every_10_ms():
   assert statesampler.StateSampler.__mro__[1].__name__ == 'StateSampler'
   assert not getattr(statesampler.StateSampler.__mro__[1], 'rtml_tuned',
                      False)
+
+
+def test_a_split_request_survives_a_nan_element_progress():
+  """Beam's byte-based progress of a splittable DoFn is NaN until an output
+  was sampled; Prism's split request then failed the job (runners.sdk_worker).
+  """
+  import math
+  from apache_beam.runners.worker import bundle_processor
+  from runners import sdk_worker
+  resolve(['--runner', 'prism'])
+  compute = bundle_processor.DataInputOperation._compute_split
+  asked = []
+
+  def try_split(fraction):
+    asked.append(fraction)
+    return None  # the Kafka reader splits only to checkpoint
+
+  # Prism's request: half of the remainder, one element in the bundle.
+  got = compute(0, math.nan, math.inf, 0.5, 1, [], try_split)
+  assert got == compute(0, sdk_worker.UNKNOWN_PROGRESS, math.inf, 0.5, 1, [],
+                        try_split)
+  assert asked == [0.5, 0.5]  # the DoFn was asked, not skipped
