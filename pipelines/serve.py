@@ -85,6 +85,7 @@ from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.options.pipeline_options import StandardOptions
 from apache_beam.options.pipeline_options import TestOptions
+from apache_beam.runners.runner import PipelineState
 
 from models import registry
 from models import serving
@@ -810,8 +811,8 @@ def run(argv: Optional[list[str]] = None):
   run_seconds = ServeOptions(argv).view_as(ServeOptions).run_seconds
   result = start(argv)
   # Not wait_until_finish: see runners.jobs.
-  jobs.wait(result, run_seconds)
-  if run_seconds is not None:
+  state = jobs.wait(result, run_seconds)
+  if run_seconds is not None and not PipelineState.is_terminal(state):
     result.cancel()
   return result
 

@@ -532,6 +532,57 @@ def test_a_cancelled_streaming_job_ends_on_the_flink_cluster(
   assert states() == ['CANCELED']
 
 
+# A streaming job submitted the way the pipelines' command lines do: resolve,
+# run, then runners.jobs.wait until it ends.
+_WAITING_SUBMITTER = """
+import sys
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.transforms.periodicsequence import PeriodicImpulse
+from runners import jobs
+from runners.options import resolve
+pipeline = beam.Pipeline(options=PipelineOptions(
+    resolve(sys.argv[1:], streaming=True)))
+_ = pipeline | PeriodicImpulse(fire_interval=0.2) | beam.Map(lambda t: t)
+print('ended', jobs.wait(pipeline.run()), flush=True)
+"""
+
+
+def test_sigterm_to_a_waiting_submitter_cancels_its_flink_job(
+    flink_cluster, tmp_path):
+  """SIGTERM (a process manager's stop) used to end the submitting process
+  at once: its LOOPBACK workers went with it and the cluster restarted the
+  job for good."""
+  import signal
+  import subprocess
+  import sys
+  name = f'rtml-sigterm-{uuid.uuid4().hex[:8]}'
+  log = tmp_path / 'submitter.log'
+  with open(log, 'w') as err:
+    submitter = subprocess.Popen(
+        [sys.executable, '-c', _WAITING_SUBMITTER, '--runner', 'flink',
+         '--flink_master', flink_cluster.address, '--job_name', name],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=err, text=True)
+
+  def states():
+    return [job['state'] for job in (flink_cluster.rest('/jobs/overview') or
+                                     {}).get('jobs', [])
+            if job['name'] == name]
+
+  try:
+    wait_for(lambda: states() == ['RUNNING'] or submitter.poll() is not None,
+             180, 'running Flink job', 0.5)
+    assert states() == ['RUNNING'], log.read_text()[-3000:]
+    submitter.send_signal(signal.SIGTERM)
+    out, _ = submitter.communicate(timeout=120)
+  finally:
+    if submitter.poll() is None:
+      submitter.kill()
+  assert submitter.returncode == 0, log.read_text()[-3000:]
+  assert out.strip() == 'ended CANCELLED'
+  assert states() == ['CANCELED']
+
+
 def test_flink_cluster_batch_output_equals_direct_runner(
     oracle, flink_cluster, flink_job_servers, tmp_path):
   finished = flink_cluster.overview()['jobs-finished']
