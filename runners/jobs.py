@@ -47,7 +47,11 @@ def wait(result: Any, duration_s: Optional[float] = None,
       if stop_asked.is_set() and not cancelled:
         _LOGGER.info('SIGTERM: cancelling the job')
         cancelled = True
-        result.cancel()
+        try:
+          result.cancel()
+        except Exception as e:  # pylint: disable=broad-except
+          # The runner may be gone already; its state below says.
+          _LOGGER.warning('Cancelling the job failed: %r', e)
       try:
         state = result.state
       except Exception as e:  # pylint: disable=broad-except

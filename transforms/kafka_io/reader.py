@@ -24,15 +24,16 @@ FnApiRunner and Prism call it - tested - as does Dataflow) and, for runners
 that never finalize bundles (the Python BundleBasedDirectRunner) or only at
 their next checkpoint (Flink, where no finalization callback is asked for),
 when a checkpointed partition is resumed (the residual only exists once the
-bundle before it is committed). This is at-least-once: records read after the last
-commit are read again after a restart (``tests/test_kafka_io.py`` kills a
-job with SIGKILL and checks none is lost). Records a runner holds in memory
-downstream (e.g. an unfired window on Prism or the DirectRunner) are only as
-durable as that runner: a cancelled in-memory job loses them although their
-offsets are committed, so keep the sink in the same fused stage as the read
-(as ``WriteToKafka`` and the dead-letter path do) when the runner's state is
-not durable. Offsets are committed with the simple (generation-less) commit
-API, so do not share the group id with subscribing consumers.
+bundle before it is committed). This is at-least-once: records read after
+the last commit are read again after a restart (``tests/test_kafka_io.py``
+kills a job with SIGKILL and checks none is lost). Records a runner holds in
+memory downstream (e.g. an unfired window on Prism or the DirectRunner) are
+only as durable as that runner: a cancelled in-memory job loses them
+although their offsets are committed, so keep the sink in the same fused
+stage as the read (as ``WriteToKafka`` and the dead-letter path do) when the
+runner's state is not durable. Offsets are committed with the simple
+(generation-less) commit API, so do not share the group id with subscribing
+consumers.
 
 Broker outages: discovery waits for the broker; a partition whose broker
 is unreachable checkpoints and is retried (log line, ``broker_unreachable``
