@@ -1,4 +1,5 @@
-"""The Python SDK workers of this process, tuned for latency.
+"""The Python SDK workers of this process: tuned for latency, two fixes, and
+a quiet end.
 
 Our runners run their Python workers inside the launching process
 (LOOPBACK for Prism and Flink; the DirectRunner's own engine), so
@@ -27,11 +28,25 @@ bytes it output, elements x their mean sampled size
 (``SdfProcessSizedElements.current_element_progress``), and that mean is NaN
 until one output has been sampled. The split then treats the progress as
 unknown, as Beam does when a DoFn reports none (``DataInputOperation``).
+
+And a quiet end: when a job ends (cancelled, or its runner shut down), the
+runner closes the worker's gRPC streams with status CANCELLED ("Runner
+closed connection", "Multiplexer hanging up"), and Beam's worker printed
+each as an error with its traceback (three per cancelled Flink job), and
+on Prism a ``KeyError`` from a bundle finishing after the worker had shut
+its bundle processors down. A user stopping a healthy job read them as
+failures. They are now one INFO line each; any other error of those
+threads and loggers is reported as before.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import threading
+from typing import Optional
+
+_LOGGER = logging.getLogger(__name__)
 
 SAMPLING_PERIOD_MS = 10
 # DataInputOperation.try_split's progress for an element whose progress is
@@ -47,6 +62,7 @@ def tune() -> None:
   if getattr(statesampler.StateSampler, 'rtml_tuned', False):
     return
   _split_with_unknown_progress()
+  _quiet_runner_hang_up()
   beams = statesampler.StateSampler
 
   class StateSampler(beams):
@@ -75,3 +91,61 @@ def _split_with_unknown_progress() -> None:
     return compute_split(index, current_element_progress, *args, **kwargs)
 
   operation._compute_split = staticmethod(_compute_split)
+
+
+def runner_hung_up(error: Optional[BaseException]) -> bool:
+  """Whether ``error`` is the runner closing a worker stream: gRPC status
+  CANCELLED (a runner that died gives UNAVAILABLE instead)."""
+  import grpc
+  code = getattr(error, 'code', None)
+  return (isinstance(error, grpc.RpcError) and callable(code) and
+          code() == grpc.StatusCode.CANCELLED)
+
+
+class _HangUpFilter(logging.Filter):
+  """Beam's data plane logs a stream the runner closed as an error with its
+  traceback: one INFO line instead."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.exc_info and runner_hung_up(record.exc_info[1]):
+      message = record.getMessage()
+      record.msg = '%s (the runner closed the stream: the job ended)'
+      record.args = (message,)
+      record.levelno, record.levelname = logging.INFO, 'INFO'
+      record.exc_info = record.exc_text = None
+    return True
+
+
+def _quiet_runner_hang_up() -> None:
+  """See the module docstring: the worker threads' and the data plane's
+  reports of a closed stream, and a bundle released after the worker's
+  shutdown."""
+  from apache_beam.runners.worker import sdk_worker
+  logging.getLogger('apache_beam.runners.worker.data_plane').addFilter(
+      _HangUpFilter())
+  previous_hook = threading.excepthook
+
+  def excepthook(args):
+    if runner_hung_up(args.exc_value):
+      _LOGGER.info('Worker thread %s ended: the runner closed its stream',
+                   args.thread.name if args.thread else '?')
+      return
+    previous_hook(args)
+
+  threading.excepthook = excepthook
+  cache = sdk_worker.BundleProcessorCache
+  release = cache.release
+
+  def release_unless_shut_down(self, instruction_id):
+    with self._lock:  # pylint: disable=protected-access
+      # discard() (from shutdown()) moved it to the failed instructions.
+      shut_down = (instruction_id not in self.active_bundle_processors and
+                   instruction_id in self.failed_instruction_ids)
+    if shut_down:
+      # shutdown() (the job ended) already shut this bundle's processor.
+      _LOGGER.info('Bundle %s finished after the worker shut down',
+                   instruction_id)
+      return
+    release(self, instruction_id)
+
+  cache.release = release_unless_shut_down

@@ -581,6 +581,8 @@ def test_sigterm_to_a_waiting_submitter_cancels_its_flink_job(
   assert submitter.returncode == 0, log.read_text()[-3000:]
   assert out.strip() == 'ended CANCELLED'
   assert states() == ['CANCELED']
+  # The runner closing the worker's streams is no error (runners.sdk_worker).
+  assert 'Traceback' not in log.read_text(), log.read_text()[-3000:]
 
 
 def test_flink_cluster_batch_output_equals_direct_runner(
@@ -708,6 +710,31 @@ def test_flink_streaming_serving_on_kafka_equals_batch_predictions(
                              batch[export.PROBABILITY], atol=1e-6)
   assert [d['key'] for d in dead_letters.items] == ['bad-0']
   assert dead_letters.items[0]['errors'][0]['reason'].startswith('not JSON')
+
+
+def test_a_stopped_flink_serving_job_logs_no_traceback(
+    flink_training, kafka_bootstrap, kafka_topic, tmp_path):
+  """The command line as a user runs it, stopped by --run_seconds: the
+  runner closing the worker's streams used to print three tracebacks
+  (runners.sdk_worker)."""
+  import subprocess
+  import sys
+  log = tmp_path / 'serve.log'
+  with open(log, 'w') as err:
+    done = subprocess.run(
+        [sys.executable, '-m', 'pipelines.serve', '--runner', 'flink',
+         '--bootstrap_servers', kafka_bootstrap,
+         '--input_topic', kafka_topic(partitions=2, suffix='trips'),
+         '--output_topic', kafka_topic(suffix='predictions'),
+         '--dead_letter_topic', kafka_topic(suffix='dlq'),
+         '--model_dir', str(flink_training['flink']['out'] / 'model'),
+         '--group_id', f'serve-{uuid.uuid4().hex[:8]}',
+         '--run_seconds', '20'],
+        cwd=REPO_ROOT, stderr=err, timeout=300, check=False)
+  text = log.read_text()
+  assert done.returncode == 0, text[-3000:]
+  assert 'Cancelling Flink job' in text  # runners.flink.runner
+  assert 'Traceback' not in text, text[-3000:]
 
 
 def test_dataflow_job_graph_is_built_offline(tmp_path):
@@ -865,3 +892,35 @@ def test_a_split_request_survives_a_nan_element_progress():
   assert got == compute(0, sdk_worker.UNKNOWN_PROGRESS, math.inf, 0.5, 1, [],
                         try_split)
   assert asked == [0.5, 0.5]  # the DoFn was asked, not skipped
+
+
+def test_a_bundle_finishing_after_the_worker_shut_down_is_no_error():
+  """When a job ends, the worker shuts its bundle processors down while a
+  bundle may still be finishing; its release raised KeyError, printed with
+  a traceback (runners.sdk_worker)."""
+  from apache_beam.portability.api import beam_fn_api_pb2
+  from apache_beam.runners.worker import data_plane
+  from apache_beam.runners.worker import sdk_worker as beam_worker
+  resolve(['--runner', 'prism'])
+
+  class NoStateApi(beam_worker.StateHandlerFactory):
+    """A bundle with no transforms asks for no state: Beam's own handler
+    that refuses every request."""
+
+    def create_state_handler(self, api_service_descriptor):
+      return beam_worker.ThrowingStateHandler()
+
+    def close(self):
+      pass
+
+  cache = beam_worker.BundleProcessorCache(
+      frozenset(), NoStateApi(), data_plane.GrpcClientDataChannelFactory(),
+      {'d': beam_fn_api_pb2.ProcessBundleDescriptor(id='d')})
+  cache.get('bundle-1', 'd')
+  cache.shutdown()  # the job ended while bundle-1 ran
+  cache.release('bundle-1')  # bundle-1 finishes: no KeyError
+  assert 'bundle-1' in cache.failed_instruction_ids
+  assert not cache.active_bundle_processors
+  # Releasing a bundle nobody shut down still fails as Beam's does.
+  with pytest.raises(KeyError):
+    cache.release('never-started')
