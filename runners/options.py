@@ -135,13 +135,12 @@ def _prism(argv: list[str]) -> list[str]:
     argv = set_flag(argv, 'prism_location', prism.tied_launcher())
   # The LOOPBACK workers run in this process (see runners.prism).
   prism.tolerate_finalize_without_callbacks()
-  if 'disable_prism_server_singleton' not in ' '.join(argv):
-    # Beam shares one Prism job server per process. In Beam 2.77 a
-    # DirectRunner run first tries Prism *without* our binary (a download,
-    # which fails offline) and leaves that broken server as the shared one, so
-    # a later --runner prism in the same process (a notebook, a test session)
-    # would reuse it. Our runs get their own server.
-    argv = argv + ['--experiments=disable_prism_server_singleton']
+  # Beam shares one Prism job server per process. In Beam 2.77 a
+  # DirectRunner run first tries Prism *without* our binary (a download,
+  # which fails offline) and leaves that broken server as the shared one, so
+  # a later --runner prism in the same process (a notebook, a test session)
+  # would reuse it. Our runs get their own server.
+  argv = add_experiment(argv, 'disable_prism_server_singleton')
   # Python workers in this process: no Docker, no worker start-up cost.
   return set_default(argv, 'environment_type', 'LOOPBACK')
 
@@ -163,13 +162,12 @@ def _flink(argv: list[str], streaming: bool = False) -> list[str]:
     # (benchmarks/serve_bench.py, three runs, README "Benchmarks").
     argv = set_default(argv, 'max_bundle_time_mills',
                        str(FLINK_STREAMING_BUNDLE_MS))
-    if 'data_buffer_time_limit_ms' not in ' '.join(argv):
-      # The job server sends a resumed Kafka read's element to the Python
-      # worker only when its buffer fills or its bundle ends (the 20 ms
-      # above): each read began 20-25 ms after its bundle (a trace at 10
-      # events/s); with a 5 ms flush, 1-9 ms.
-      argv = argv + [
-          f'--experiments=data_buffer_time_limit_ms={FLINK_DATA_FLUSH_MS}']
+    # The job server sends a resumed Kafka read's element to the Python
+    # worker only when its buffer fills or its bundle ends (the 20 ms
+    # above): each read began 20-25 ms after its bundle (a trace at 10
+    # events/s); with a 5 ms flush, 1-9 ms.
+    argv = add_experiment(
+        argv, f'data_buffer_time_limit_ms={FLINK_DATA_FLUSH_MS}')
   argv = set_default(argv, 'flink_version', flink.versions().flink_minor)
   argv = set_default(argv, 'flink_master', '[local]')
   savepoint = (_flink_restore(argv) if streaming else
@@ -322,5 +320,14 @@ def set_default(argv: list[str], name: str, value: str) -> list[str]:
   return argv if has_flag(argv, name) else argv + [f'--{name}={value}']
 
 
-__all__ = ['resolve', 'RunnerOptionsError', 'RunnerSetupError', 'get_flag',
-           'has_flag', 'set_flag', 'set_default']
+def add_experiment(argv: list[str], experiment: str) -> list[str]:
+  """argv with ``--experiments=experiment`` appended unless argv already
+  names that experiment (the part before any ``=``), with any value."""
+  name = experiment.split('=', 1)[0]
+  return argv if name in ' '.join(argv) else argv + [
+      f'--experiments={experiment}']
+
+
+__all__ = ['resolve', 'RunnerOptionsError', 'RunnerSetupError',
+           'add_experiment', 'get_flag', 'has_flag', 'set_flag',
+           'set_default']

@@ -507,6 +507,14 @@ def test_flink_cluster_runs_a_job(flink_cluster):
   assert flink_cluster.overview()['jobs-finished'] >= 1
 
 
+def _flink_states(cluster, name: str) -> list[str]:
+  """The states of the cluster's Flink jobs named ``name``, as the runner's
+  cancel finds them (``runners.flink.runner.FlinkJob``)."""
+  from runners.flink.runner import FlinkJob
+  return [job['state'] for job in
+          FlinkJob(cluster.address, name, embedded=False).jobs() or []]
+
+
 @_HARNESS_HANG_UP
 def test_a_cancelled_streaming_job_ends_on_the_flink_cluster(
     flink_cluster, flink_job_servers):
@@ -521,15 +529,11 @@ def test_a_cancelled_streaming_job_ends_on_the_flink_cluster(
        | beam.Map(lambda t: t))
   result = pipeline.run()
 
-  def states():
-    return [job['state'] for job in (flink_cluster.rest('/jobs/overview') or
-                                     {}).get('jobs', [])
-            if job['name'] == name]
-
-  wait_for(lambda: states() == ['RUNNING'], 120, 'running Flink job', 0.5)
+  wait_for(lambda: _flink_states(flink_cluster, name) == ['RUNNING'], 120,
+           'running Flink job', 0.5)
   result.cancel()
   assert result.state == 'CANCELLED'
-  assert states() == ['CANCELED']
+  assert _flink_states(flink_cluster, name) == ['CANCELED']
 
 
 # A streaming job submitted the way the pipelines' command lines do: resolve,
@@ -564,15 +568,12 @@ def test_sigterm_to_a_waiting_submitter_cancels_its_flink_job(
          '--flink_master', flink_cluster.address, '--job_name', name],
         cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=err, text=True)
 
-  def states():
-    return [job['state'] for job in (flink_cluster.rest('/jobs/overview') or
-                                     {}).get('jobs', [])
-            if job['name'] == name]
-
   try:
-    wait_for(lambda: states() == ['RUNNING'] or submitter.poll() is not None,
+    wait_for(lambda: (_flink_states(flink_cluster, name) == ['RUNNING'] or
+                      submitter.poll() is not None),
              180, 'running Flink job', 0.5)
-    assert states() == ['RUNNING'], log.read_text()[-3000:]
+    assert _flink_states(flink_cluster, name) == ['RUNNING'], (
+        log.read_text()[-3000:])
     submitter.send_signal(signal.SIGTERM)
     out, _ = submitter.communicate(timeout=120)
   finally:
@@ -580,7 +581,7 @@ def test_sigterm_to_a_waiting_submitter_cancels_its_flink_job(
       submitter.kill()
   assert submitter.returncode == 0, log.read_text()[-3000:]
   assert out.strip() == 'ended CANCELLED'
-  assert states() == ['CANCELED']
+  assert _flink_states(flink_cluster, name) == ['CANCELED']
   # The runner closing the worker's streams is no error (runners.sdk_worker).
   assert 'Traceback' not in log.read_text(), log.read_text()[-3000:]
 

@@ -146,7 +146,7 @@ def readers(options: PipelineOptions) -> Optional[int]:
   flag = options.view_as(KafkaOptions).kafka_readers
   if flag is not None:
     return flag or None
-  runner = (options.view_as(StandardOptions).runner or '').lower()
+  runner = _runner(options)
   if 'prism' in runner:
     return 1
   if 'flink' not in runner:
@@ -165,5 +165,9 @@ def finalizes_promptly(options: PipelineOptions) -> bool:
   producers, about 180 ms before the read began (serving p99 139 ms at 10
   events/s, ``benchmarks/serve_bench.py``). There the read commits when a
   partition resumes, as on runners that never finalize."""
-  runner = (options.view_as(StandardOptions).runner or '').lower()
-  return 'flink' not in runner
+  return 'flink' not in _runner(options)
+
+
+def _runner(options: PipelineOptions) -> str:
+  """The pipeline's ``--runner``, lower case ('' when unset)."""
+  return (options.view_as(StandardOptions).runner or '').lower()
